@@ -1,0 +1,3 @@
+"""pytest-mm27: LLM-serving performance as ordinary pytest results."""
+
+__version__ = "0.1.0"
