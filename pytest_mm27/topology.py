@@ -1,0 +1,188 @@
+"""Serving topologies: what to boot, on how many GPUs, with which flags.
+
+A topology is a TOML file in a ``topologies/`` catalog folder. Everything a
+launch needs lives in the data (model, parallelism, vLLM flags, environment),
+so the code stays free of any one model or box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from .datafile import Table, read_toml
+from .errors import ConfigError
+
+DpMode = Literal["native", "replicas"]
+Device = Literal["cuda", "cpu"]
+ENGINES = ("vllm", "sim")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str                   # what `vllm serve` loads: a hub id or a local directory
+    served_name: str            # the model name clients send
+    quantization: str | None    # informational; the flag itself goes in serve.args
+    spec: str | None            # simulator model spec (fixtures/models/<spec>.toml)
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    description: str
+    source: Path
+    hardware: str               # hardware profile: picks floors, baselines and sim specs
+    model: ModelRef
+    tensor_parallel: int
+    data_parallel: int
+    dp_mode: DpMode
+    gpus: int
+    max_num_seqs: int
+    gpu_memory_utilization: float
+    max_model_len: int
+    vllm_args: tuple[str, ...]
+    env: Mapping[str, str]
+    concurrency_levels: tuple[int, ...]
+    startup_timeout_s: float
+    engines: tuple[str, ...] = ENGINES
+    # What the vllm engine partitions between servers: GPUs (CUDA_VISIBLE_DEVICES)
+    # or, for vLLM's CPU build, CPU cores (VLLM_CPU_OMP_THREADS_BIND).
+    device: Device = "cuda"
+    # Per-engine extras: e.g. [engine.vllm] env for a CPU build.
+    engine_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @property
+    def replicas(self) -> int:
+        """Server processes to start: one per DP rank in replica mode, else one."""
+        return self.data_parallel if self.dp_mode == "replicas" else 1
+
+    @property
+    def gpus_per_server(self) -> int:
+        return self.tensor_parallel * (1 if self.dp_mode == "replicas" else self.data_parallel)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["source"] = str(self.source)
+        data["env"] = dict(self.env)
+        data["engine_env"] = {k: dict(v) for k, v in self.engine_env.items()}
+        return data
+
+
+def parse_topology(path: Path) -> Topology:
+    """Load and validate one topology file."""
+    root = Table(read_toml(path), path)
+    name = root.string("name", path.stem)
+    description = root.string("description", "")
+    hardware = root.string("hardware")
+    engines = root.str_list("engines", ENGINES)
+    for engine in engines:
+        if engine not in ENGINES:
+            raise root.error("engines", f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    device = root.string("device", "cuda", choices=("cuda", "cpu"))
+    levels = root.int_list("concurrency_levels")
+    startup_timeout_s = root.number("startup_timeout_s", 600.0, minimum=0.0, exclusive_min=True)
+
+    model_t = root.table("model")
+    model = ModelRef(
+        name=model_t.string("name"),
+        served_name=model_t.string("served_name", None) or model_t.string("name"),
+        quantization=model_t.string("quantization", None),
+        spec=model_t.string("spec", None),
+        dtype=model_t.string("dtype", None),
+    )
+    model_t.finish()
+
+    par = root.table("parallel")
+    tp = par.integer("tensor")
+    dp = par.integer("data", 1)
+    mode = par.string("mode", "native", choices=("native", "replicas"))
+    gpus = par.integer("gpus", tp * dp, minimum=0)
+    par.finish()
+    if gpus and gpus != tp * dp:
+        raise ConfigError(f"must equal tensor x data = {tp * dp}, got {gpus}",
+                          source=str(path), field="parallel.gpus")
+
+    serve = root.table("serve")
+    max_num_seqs = serve.integer("max_num_seqs", 256)
+    gpu_mem = serve.number("gpu_memory_utilization", 0.9, minimum=0.0, maximum=1.0, exclusive_min=True)
+    max_model_len = serve.integer("max_model_len")
+    args = serve.str_list("args", ())
+    env = serve.str_map("env")
+    serve.finish()
+
+    engine_env: dict[str, Mapping[str, str]] = {}
+    if root.has("engine"):
+        engine_t = root.table("engine")
+        for engine in ENGINES:
+            if engine_t.has(engine):
+                sub = engine_t.table(engine)
+                engine_env[engine] = MappingProxyType(sub.str_map("env"))
+                sub.finish()
+        engine_t.finish()
+    root.finish()
+
+    if "sim" in engines and not model.spec:
+        raise ConfigError("is required when the topology runs on the sim engine",
+                          source=str(path), field="model.spec")
+    return Topology(
+        name=name, description=description, source=path, hardware=hardware, model=model,
+        tensor_parallel=tp, data_parallel=dp, dp_mode=mode, gpus=tp * dp,
+        max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_mem, max_model_len=max_model_len,
+        vllm_args=args, env=MappingProxyType(env), concurrency_levels=levels,
+        startup_timeout_s=startup_timeout_s, engines=engines, device=device, engine_env=MappingProxyType(engine_env),
+    )
+
+
+class UnknownName(ConfigError):
+    pass
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Named items loaded from catalog folders (topologies or workloads)."""
+
+    kind: str
+    items: Mapping[str, Any]
+
+    def names(self) -> list[str]:
+        return sorted(self.items)
+
+    def get(self, name: str) -> Any:
+        try:
+            return self.items[name]
+        except KeyError:
+            known = ", ".join(self.names()) or "(none)"
+            raise UnknownName(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def select(self, names: Iterable[str]) -> list[Any]:
+        """Resolve user-given names; ``all`` means every item, in name order."""
+        wanted = list(names)
+        if "all" in wanted:
+            return [self.items[n] for n in self.names()]
+        return [self.get(n) for n in dict.fromkeys(wanted)]
+
+
+def load_catalog_files(kind: str, dirs: Sequence[Path], parse: Any) -> Catalog:
+    """Parse every ``*.toml`` in ``dirs``; earlier folders shadow later ones."""
+    items: dict[str, Any] = {}
+    for folder in dirs:
+        if not folder.is_dir():
+            raise ConfigError(f"{kind} folder does not exist", source=str(folder))
+        in_this_folder: dict[str, Path] = {}
+        for path in sorted(folder.glob("*.toml")):
+            item = parse(path)
+            if item.name in in_this_folder:
+                raise ConfigError(f"{kind} name {item.name!r} is also defined in {in_this_folder[item.name]}",
+                                  source=str(path), field="name")
+            in_this_folder[item.name] = path
+            items.setdefault(item.name, item)
+    return Catalog(kind, MappingProxyType(items))
+
+
+def load_catalog(dirs: Sequence[Path]) -> Catalog:
+    """The topologies found in ``dirs`` (``topologies/`` folders)."""
+    return load_catalog_files("topology", dirs, parse_topology)
