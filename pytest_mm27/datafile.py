@@ -60,6 +60,10 @@ class Table:
             raise self.error(key, "is required")
         return default
 
+    def raw(self, key: str, default: object = _MISSING) -> Any:
+        """The value as parsed, for shapes the typed getters do not cover."""
+        return self._get(key, default)
+
     def string(self, key: str, default: object = _MISSING, *, choices: Iterable[str] | None = None) -> Any:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
