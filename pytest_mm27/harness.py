@@ -1,0 +1,261 @@
+"""The harness behind the plugin: boot a topology, measure levels, keep records.
+
+No pytest imports. The plugin asks for one (topology, concurrency) at a time;
+the harness keeps at most one topology alive, boots it on first use, records
+every level as soon as it is measured and tears everything down on close().
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Mm27Config
+from .engines import select_engine
+from .engines.base import EngineOptions, LaunchPlan
+from .errors import ConfigError, LaunchError, Mm27Error
+from .floors import FloorTable, load_floors
+from .gpus import discover_gpus, lease_devices
+from .launcher import Launcher, free_port
+from .loadgen import run_level
+from .paths import catalog_dirs
+from .record import RunRecord, git_commit, host_info, new_run_id
+from .topology import Topology, load_catalog
+from .verdict import ERROR, Verdict, judge_level
+from .workload import Workload, load_workloads
+
+
+@dataclass
+class EngineChoice:
+    name: str            # vllm | sim | endpoint
+    reason: str          # said in the first line of output
+    engine: Any = None   # the Engine object, None for endpoint
+
+
+@dataclass
+class LiveTopology:
+    topology: Topology
+    record: RunRecord
+    plan: LaunchPlan | None = None
+    launcher: Launcher | None = None
+    lease: Any = None
+    endpoints: tuple[str, ...] = ()
+    model: str = ""
+    failure: str | None = None      # once set, every later level of this topology errors with it
+    measured: list[int] = field(default_factory=list)
+
+
+class Harness:
+    def __init__(self, cfg: Mm27Config, rootdir: Path, run_id: str | None = None):
+        self.cfg = cfg
+        self.rootdir = rootdir
+        self.run_id = run_id or new_run_id()
+        self.run_dir = cfg.results_dir / "runs" / self.run_id
+        topo_catalog = load_catalog([*cfg.topology_dirs, *catalog_dirs("topologies")])
+        self.topologies: list[Topology] = topo_catalog.select(cfg.topologies)
+        self.workload: Workload = load_workloads([*cfg.workload_dirs, *catalog_dirs("workloads")]).get(cfg.workload)
+        self._floor_dirs = [*cfg.floor_dirs, *catalog_dirs("floors")]
+        self._floors: dict[str, FloorTable] = {}
+        self.options = EngineOptions(
+            host=cfg.host, api_key=cfg.api_key, vllm_command=cfg.vllm_command,
+            sim_args=cfg.sim_args(), seed=cfg.seed,
+        )
+        self.choices: dict[str, EngineChoice] = {t.name: self._choose(t) for t in self.topologies}
+        self._live: LiveTopology | None = None
+        self._records: dict[str, RunRecord] = {}
+        self._git = git_commit(rootdir)
+
+    # ---- selection, before anything boots -------------------------------------------------
+    def _choose(self, topology: Topology) -> EngineChoice:
+        if self.cfg.engine == "endpoint":
+            return EngineChoice("endpoint", f"endpoint ({', '.join(self.cfg.endpoints)}; nothing is booted)")
+        engine, reason = select_engine(self.cfg.engine, topology, self.options)
+        return EngineChoice(engine.name, reason, engine)
+
+    def engine_line(self) -> str:
+        reasons = list(dict.fromkeys(c.reason for c in self.choices.values()))
+        if len(reasons) == 1:
+            return f"engine: {reasons[0]}"
+        return "engine: " + "; ".join(f"{name}: {c.reason}" for name, c in self.choices.items())
+
+    def levels_for(self, topology: Topology) -> tuple[int, ...]:
+        return self.cfg.concurrency or topology.concurrency_levels
+
+    def floors_for(self, topology: Topology) -> FloorTable:
+        if topology.hardware not in self._floors:
+            self._floors[topology.hardware] = load_floors(self._floor_dirs, topology.hardware)
+        return self._floors[topology.hardware]
+
+    def floor_value(self, topology: Topology, concurrency: int) -> float | None:
+        floor = self.floors_for(topology).get(topology.name, self.workload.name, concurrency)
+        return floor.output_tok_s if floor else None
+
+    # ---- records ------------------------------------------------------------------------------
+    def record_for(self, topology: Topology) -> RunRecord:
+        if topology.name not in self._records:
+            choice = self.choices[topology.name]
+            self._records[topology.name] = RunRecord(
+                self.run_dir / f"{topology.name}.json",
+                {
+                    "run_id": self.run_id,
+                    "git_commit": self._git,
+                    "engine": {"name": choice.name, "version": None, "reason": choice.reason},
+                    "host": host_info(),
+                    "hardware": {"profile": topology.hardware, "simulated": choice.name == "sim", "gpus": []},
+                    "topology": topology.to_dict(),
+                    "workload": self.workload.to_dict(),
+                    "options": {"max_error_rate": self.cfg.max_error_rate,
+                                "concurrency_override": list(self.cfg.concurrency or ())},
+                    "launch": None,
+                },
+            )
+            self._records[topology.name].save()
+        return self._records[topology.name]
+
+    # ---- boot and teardown ----------------------------------------------------------------
+    def _boot(self, topology: Topology) -> LiveTopology:
+        if self._live and self._live.topology.name == topology.name:
+            return self._live
+        self.stop_live()
+        live = LiveTopology(topology, self.record_for(topology))
+        self._live = live
+        choice = self.choices[topology.name]
+        try:
+            if choice.name == "endpoint":
+                live.endpoints = self.cfg.endpoints
+                live.model = resolve_served_model(self.cfg.endpoints, topology.model.served_name, self.cfg.api_key)
+                live.record.data["engine"]["version"] = server_version(self.cfg.endpoints[0], self.cfg.api_key)
+            else:
+                self._launch(live, choice)
+        except Mm27Error as exc:
+            live.failure = f"{topology.name}: {exc}"
+            live.record.add_error(str(exc))
+        return live
+
+    def _launch(self, live: LiveTopology, choice: EngineChoice) -> None:
+        topology = live.topology
+        engine = choice.engine
+        devices: list[tuple[int, ...]] = [() for _ in range(topology.replicas)]
+        gpus_info: list[dict[str, Any]] = []
+        if engine.name == "vllm":
+            kind = "cpu" if topology.device == "cpu" else "gpu"
+            live.lease = lease_devices(topology.gpus if kind == "gpu" else topology.replicas * topology.tensor_parallel,
+                                       kind=kind)
+            per = len(live.lease.devices) // topology.replicas
+            devices = [tuple(live.lease.devices[i * per:(i + 1) * per]) for i in range(topology.replicas)]
+            if kind == "gpu":
+                leased = set(live.lease.devices)
+                gpus_info = [g.to_dict() for g in discover_gpus() if g.index in leased]
+        ports = [free_port(self.cfg.host) for _ in range(topology.replicas)]
+        plan = engine.plan(topology, self.options, ports, devices)
+        if self.cfg.startup_timeout_s:
+            plan = plan.with_startup_timeout(self.cfg.startup_timeout_s)
+        live.plan = plan
+        record = live.record
+        record.data["engine"]["version"] = engine.version(self.options)
+        record.data["hardware"]["gpus"] = gpus_info
+        record.set("launch", plan.to_dict())
+        live.launcher = Launcher(plan, self.run_dir / "logs")
+        started = time.monotonic()
+        live.launcher.start()
+        live.launcher.wait_healthy()
+        record.set("startup_s", round(time.monotonic() - started, 3))
+        live.endpoints = plan.endpoints
+        live.model = plan.model
+
+    def stop_live(self) -> None:
+        live, self._live = self._live, None
+        if live is None:
+            return
+        try:
+            if live.launcher is not None:
+                report = live.launcher.stop()
+                live.record.data["teardown"] = report.to_dict() if hasattr(report, "to_dict") else None
+                if getattr(report, "leftovers", None):
+                    live.record.add_error(f"teardown left processes or files behind: {report.leftovers}")
+        finally:
+            if live.lease is not None:
+                live.lease.release()
+            status = "failed" if live.failure else "complete"
+            live.record.finish(status)
+
+    def close(self, interrupted: bool = False) -> None:
+        live = self._live
+        if live and interrupted:
+            live.failure = live.failure or "interrupted"
+        self.stop_live()
+        for record in self._records.values():
+            if record.data["status"] == "running":
+                record.finish("interrupted" if interrupted else "incomplete")
+
+    # ---- measuring ------------------------------------------------------------------------
+    def measure(self, topology: Topology, concurrency: int) -> tuple[dict[str, Any], Verdict]:
+        """Run one level; returns the level entry written to the record and its verdict."""
+        live = self._boot(topology)
+        floor = self.floors_for(topology).get(topology.name, self.workload.name, concurrency)
+        entry: dict[str, Any] = {"concurrency": concurrency, "floor": floor.output_tok_s if floor else None,
+                                 "floor_note": floor.note if floor else None}
+        if live.failure:
+            verdict = Verdict(ERROR, (live.failure,))
+            entry |= {"metrics": None, "trials": [], "verdict": verdict.to_dict()}
+            return entry, verdict
+        try:
+            if live.launcher is not None:
+                live.launcher.check_alive()
+            metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
+                                api_key=self.cfg.api_key, workers=self.cfg.workers)
+            if live.launcher is not None:
+                live.launcher.check_alive()
+        except Mm27Error as exc:
+            message = f"{topology.name} c={concurrency}: {exc}"
+            live.failure = message
+            live.record.add_error(str(exc), concurrency=concurrency)
+            verdict = Verdict(ERROR, (message,))
+            entry |= {"metrics": None, "trials": [], "verdict": verdict.to_dict()}
+            live.record.add_level(entry)
+            return entry, verdict
+        data = metrics.to_dict()
+        verdict = judge_level(data, floor, self.cfg.max_error_rate)
+        entry |= {"metrics": data, "trials": [data], "verdict": verdict.to_dict()}
+        live.record.add_level(entry)
+        live.measured.append(concurrency)
+        return entry, verdict
+
+    @property
+    def records(self) -> list[RunRecord]:
+        return list(self._records.values())
+
+
+def _get_json(url: str, api_key: str | None, timeout: float = 10.0) -> Any:
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - user-given http(s) URL
+        return json.loads(resp.read().decode("utf-8"))
+
+
+def resolve_served_model(endpoints: Sequence[str], wanted: str, api_key: str | None) -> str:
+    """The model name to send: the topology's if served, else the only one served."""
+    try:
+        models = [m["id"] for m in _get_json(f"{endpoints[0]}/v1/models", api_key)["data"]]
+    except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError) as exc:
+        raise LaunchError(f"endpoint {endpoints[0]} did not answer GET /v1/models: {exc}") from exc
+    if wanted in models:
+        return wanted
+    if len(models) == 1:
+        return models[0]
+    raise ConfigError(f"endpoint {endpoints[0]} serves {models}, not {wanted!r}; "
+                      "set the topology's model.served_name", field="model.served_name")
+
+
+def server_version(endpoint: str, api_key: str | None) -> str | None:
+    try:
+        return str(_get_json(f"{endpoint}/version", api_key).get("version"))
+    except (OSError, urllib.error.URLError, ValueError, AttributeError):
+        return None

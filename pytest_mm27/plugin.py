@@ -1,0 +1,229 @@
+"""pytest hooks and fixtures: options, parametrization, terminal summary.
+
+Everything that measures lives in the pytest-free library (harness, loadgen,
+launcher, sim); this module only adapts it to pytest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import (
+    Mm27Config, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
+    parse_positive_float, parse_positive_int, parse_sim_fault,
+)
+from .errors import Mm27Error
+from .harness import Harness
+from .record import load_record
+from .report import record_table
+from .topology import Topology
+from .verdict import ERROR, FAIL, INVALID
+
+HARNESS_KEY = pytest.StashKey[Harness]()
+ERROR_KEY = pytest.StashKey[str]()
+RUN_ID_INPUT = "mm27_run_id"
+
+# (option name, ini type, help, argparse extras). The ini key is "mm27_" + name.
+_OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
+    ("topology", "linelist", "topology to run (repeatable, comma-separated; 'all' for every one)",
+     {"action": "append", "metavar": "NAME"}),
+    ("engine", "string", "auto (vllm when found with enough GPUs, else the simulator), vllm, sim or endpoint",
+     {"type": parse_engine, "metavar": "ENGINE"}),
+    ("endpoint", "linelist", "URL of an already-running OpenAI-compatible server (repeatable)",
+     {"action": "append", "type": parse_endpoint, "metavar": "URL"}),
+    ("workload", "string", "workload name (default: default)", {"metavar": "NAME"}),
+    ("concurrency", "string", "override the topology's concurrency levels, e.g. 1,4,8",
+     {"type": parse_concurrency, "metavar": "LEVELS"}),
+    ("results_dir", "string", "where run records and logs go (default: results/)", {"metavar": "DIR"}),
+    ("topology_dir", "linelist", "extra folder of topology TOML files (repeatable; shadows built-ins)",
+     {"action": "append", "metavar": "DIR"}),
+    ("workload_dir", "linelist", "extra folder of workload TOML files (repeatable)",
+     {"action": "append", "metavar": "DIR"}),
+    ("floors_dir", "linelist", "extra folder of floors/<hardware>.toml files (repeatable)",
+     {"action": "append", "metavar": "DIR"}),
+    ("vllm", "string", "command that runs vLLM's CLI (default: vllm on PATH; e.g. '/venv/bin/vllm' or "
+     "'/venv/bin/python -m vllm.entrypoints.cli.main'); env MM27_VLLM", {"metavar": "CMD"}),
+    ("api_key", "string", "API key passed to servers we boot and sent by the client; env MM27_API_KEY",
+     {"metavar": "KEY"}),
+    ("host", "string", "address servers bind to (default 127.0.0.1)", {"metavar": "HOST"}),
+    ("sim_fault", "linelist", "simulator fault knob NAME=VALUE: slowdown, error-rate, crash-after, "
+     "hang-after, startup-delay (repeatable)", {"action": "append", "type": parse_sim_fault, "metavar": "KNOB"}),
+    ("max_error_rate", "string", "fraction of failed requests that fails a level (default 0)",
+     {"type": parse_error_rate, "metavar": "RATE"}),
+    ("workers", "string", "load generator processes per level (default: automatic)",
+     {"type": parse_positive_int, "metavar": "N"}),
+    ("startup_timeout", "string", "override the topologies' startup timeout, seconds",
+     {"type": parse_positive_float, "metavar": "S"}),
+    ("seed", "string", "seed for the simulator and prompts (default 0)", {"type": int, "metavar": "N"}),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mm27", "pytest-mm27: LLM-serving performance")
+    for name, ini_type, help_text, extra in _OPTIONS:
+        group.addoption(f"--{name.replace('_', '-')}", dest=f"mm27_{name}", default=None, help=help_text, **extra)
+        parser.addini(f"mm27_{name}", help_text, type=ini_type, default=None)
+
+
+def _getter(config: pytest.Config):
+    def get(name: str) -> Any:
+        value = config.getoption(f"mm27_{name}")
+        if value is not None:
+            # (name, value) pairs of --sim-fault arrive parsed; keep them as they are
+            if name == "sim_fault":
+                return [f"{k}={v}" for k, v in value]
+            return value
+        value = config.getini(f"mm27_{name}")
+        return value if value not in (None, [], "") else None
+    return get
+
+
+def _mm27_wanted(config: pytest.Config) -> bool:
+    """Only boot-related work is deferred; configuration is always validated."""
+    return not (config.option.help or config.option.version)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "mm27: a pytest-mm27 benchmark level (added automatically)")
+    if not _mm27_wanted(config):
+        return
+    try:
+        cfg = build_config(_getter(config), Path(config.rootpath))
+        run_id = getattr(config, "workerinput", {}).get(RUN_ID_INPUT)
+        harness = Harness(cfg, Path(config.rootpath), run_id=run_id)
+    except Mm27Error as exc:
+        raise pytest.UsageError(f"pytest-mm27: {exc}") from None
+    config.stash[HARNESS_KEY] = harness
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(harness), "mm27-xdist")
+
+
+class _XdistHooks:
+    """Registered only when pytest-xdist is present: share one run id with workers."""
+
+    def __init__(self, harness: Harness):
+        self.harness = harness
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[RUN_ID_INPUT] = self.harness.run_id
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return None
+    names = ", ".join(t.name for t in harness.topologies)
+    return [harness.engine_line(),
+            f"mm27: topologies {names} · workload {harness.workload.name} · results {harness.run_dir}"]
+
+
+@dataclass(frozen=True)
+class LevelCase:
+    topology: Topology
+    concurrency: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.topology.name}-c{self.concurrency}"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "mm27_level" not in metafunc.fixturenames:
+        return
+    harness = metafunc.config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return
+    cases = [LevelCase(t, c) for t in harness.topologies for c in harness.levels_for(t)]
+    metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run each topology's levels together and in order, so it boots once."""
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return
+    order = {t.name: i for i, t in enumerate(harness.topologies)}
+
+    def case_of(item: pytest.Item) -> LevelCase | None:
+        callspec = getattr(item, "callspec", None)
+        return callspec.params.get("mm27_case") if callspec else None
+
+    positions = [i for i, item in enumerate(items) if case_of(item)]
+    bench = sorted((items[i] for i in positions),
+                   key=lambda it: (order[case_of(it).topology.name], case_of(it).concurrency))
+    for i, item in zip(positions, bench):
+        items[i] = item
+        item.add_marker(pytest.mark.mm27)
+        # With `-n N --dist loadgroup`, one worker takes a whole topology.
+        item.add_marker(pytest.mark.xdist_group(case_of(item).topology.name))
+
+
+@pytest.fixture
+def mm27_case(request: pytest.FixtureRequest) -> LevelCase:
+    return request.param
+
+
+class Level:
+    """What a benchmark test gets: one (topology, concurrency) to measure and judge."""
+
+    def __init__(self, harness: Harness, case: LevelCase):
+        self._harness = harness
+        self.topology = case.topology
+        self.concurrency = case.concurrency
+        self.workload = harness.workload
+        self.floor = harness.floor_value(case.topology, case.concurrency)
+        self.entry: dict[str, Any] | None = None
+
+    def measure(self) -> dict[str, Any]:
+        """Measure the level (booting the topology on first use) and judge it.
+
+        Fails the test when errors pass the limit or throughput is below the
+        floor; skips a client-bound level that missed its floor (not gated);
+        errors when the server could not be booted or died.
+        """
+        entry, verdict = self._harness.measure(self.topology, self.concurrency)
+        self.entry = entry
+        if verdict.status == ERROR:
+            pytest.fail("could not measure: " + verdict.message, pytrace=False)
+        if verdict.status == INVALID:
+            pytest.skip("inconclusive: " + verdict.message.replace("\n", "; "))
+        if verdict.status == FAIL:
+            pytest.fail(verdict.message, pytrace=False)
+        return entry["metrics"]
+
+
+@pytest.fixture
+def mm27_level(request: pytest.FixtureRequest, mm27_case: LevelCase) -> Level:
+    return Level(request.config.stash[HARNESS_KEY], mm27_case)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    harness = session.config.stash.get(HARNESS_KEY, None)
+    if harness is not None:
+        harness.close(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None or hasattr(config, "workerinput"):
+        return
+    # Read the records back from disk: with xdist they were written by workers.
+    paths = sorted(harness.run_dir.glob("*.json")) if harness.run_dir.is_dir() else []
+    if not paths:
+        return
+    terminalreporter.section("pytest-mm27")
+    for path in paths:
+        try:
+            record = load_record(path)
+        except Mm27Error as exc:
+            terminalreporter.write_line(f"cannot read {path}: {exc}")
+            continue
+        for line in record_table(record):
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"  record: {os.path.relpath(path)}")
+        terminalreporter.write_line("")

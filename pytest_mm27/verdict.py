@@ -1,0 +1,63 @@
+"""Judging one measured level: errors past the limit, floors, client-bound levels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .floors import Floor
+
+PASS = "pass"
+FAIL = "FAIL"
+INVALID = "invalid"      # measured, but the numbers cannot be trusted (client-bound)
+ERROR = "error"          # nothing measured: the server or the run broke
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str                         # PASS, FAIL, INVALID or ERROR
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def message(self) -> str:
+        return "\n".join(self.problems or self.notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "problems": list(self.problems), "notes": list(self.notes)}
+
+
+def _top_errors(errors: Mapping[str, int], limit: int = 3) -> str:
+    items = sorted(errors.items(), key=lambda kv: -kv[1])[:limit]
+    return "; ".join(f"{count} x {reason}" for reason, count in items)
+
+
+def judge_level(metrics: Mapping[str, Any], floor: Floor | None, max_error_rate: float) -> Verdict:
+    """Decide a level from its metrics dict (``LevelMetrics.to_dict()``)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    requests = int(metrics.get("requests", 0))
+    failed = int(metrics.get("failed", 0))
+    ok = int(metrics.get("ok", requests - failed))
+    rate = failed / requests if requests else 1.0
+    if ok == 0:
+        problems.append(f"no request succeeded ({failed} failed): {_top_errors(metrics.get('errors', {}))}")
+    elif rate > max_error_rate:
+        problems.append(f"{failed} of {requests} requests failed ({rate:.1%}, limit {max_error_rate:.1%}): "
+                        f"{_top_errors(metrics.get('errors', {}))}")
+    tok_s = float(metrics.get("output_tok_s") or 0.0)
+    if floor is not None and ok and tok_s < floor.output_tok_s:
+        shortfall = 1 - tok_s / floor.output_tok_s
+        floor_problem = (f"output tok/s {tok_s:,.0f} is below the floor {floor.output_tok_s:,.0f} "
+                         f"({shortfall:.1%} short) at c={metrics.get('concurrency')}; floor: {floor.describe()}")
+        if metrics.get("client_bound"):
+            notes.append(floor_problem)
+            notes.append(f"client-bound level, not gated: {metrics.get('client_bound_reason') or 'client was the limit'}")
+            return Verdict(INVALID, tuple(problems), tuple(notes))
+        problems.append(floor_problem)
+    if floor is None:
+        notes.append("no floor for this level")
+    if problems:
+        return Verdict(FAIL, tuple(problems), tuple(notes))
+    return Verdict(PASS, (), tuple(notes))
