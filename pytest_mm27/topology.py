@@ -8,7 +8,7 @@ so the code stays free of any one model or box.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -65,10 +65,14 @@ class Topology:
         return self.tensor_parallel * (1 if self.dp_mode == "replicas" else self.data_parallel)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["model"] = asdict(self.model)
         data["source"] = str(self.source)
         data["env"] = dict(self.env)
         data["engine_env"] = {k: dict(v) for k, v in self.engine_env.items()}
+        data["vllm_args"] = list(self.vllm_args)
+        data["concurrency_levels"] = list(self.concurrency_levels)
+        data["engines"] = list(self.engines)
         return data
 
 
