@@ -1,0 +1,260 @@
+"""What an engine hands the launcher: a plan of server processes to start.
+
+An engine turns a :class:`~pytest_mm27.topology.Topology` into a
+:class:`LaunchPlan` (argv, environment, port and device set per server). It
+boots nothing; :mod:`pytest_mm27.launcher` does. Secrets (the API key, env
+variables that look like credentials) stay in the plan so the servers get
+them, and are masked by every method that produces text for logs or records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+from ..errors import ConfigError
+from ..topology import Topology
+
+REDACTED = "***"
+
+# Env names containing one of these are masked in logs and run records.
+SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+# Flags whose value is masked. Suffix matching catches --hf-token and friends
+# without hiding paths such as --tokenizer or --ssl-keyfile.
+SECRET_FLAGS = frozenset({"--api-key", "--token", "--hf-token"})
+SECRET_FLAG_SUFFIXES = ("-key", "-token", "-secret", "-password")
+
+DeviceKind = Literal["gpu", "cpu"]
+
+
+def is_secret_env(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_ENV_MARKERS)
+
+
+def is_secret_flag(flag: str) -> bool:
+    return flag.startswith("--") and (flag in SECRET_FLAGS or flag.endswith(SECRET_FLAG_SUFFIXES))
+
+
+def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` with the values of secret flags replaced by ``***``."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        flag, eq, _value = arg.partition("=")
+        if is_secret_flag(flag):
+            if eq:
+                out.append(f"{flag}={REDACTED}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(arg)
+    return tuple(out)
+
+
+def redact_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if is_secret_env(k) else v) for k, v in env.items()}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server process: how to start it and where it will listen."""
+
+    name: str                       # e.g. "dp3-r0"; also names the log file
+    argv: tuple[str, ...]
+    env: Mapping[str, str]          # added on top of os.environ
+    host: str
+    port: int                       # 0: the launcher picks a free port at start
+    gpus: tuple[int, ...]           # GPU indices (or CPU cores) this server owns
+    base_url: str                   # "http://host:port"
+    # Sent as a bearer token by the launcher's health probe; never printed.
+    api_key: str | None = field(default=None, repr=False)
+
+    def redacted_argv(self) -> tuple[str, ...]:
+        return redact_argv(self.argv)
+
+    def redacted_env(self) -> dict[str, str]:
+        return redact_env(self.env)
+
+    def command_line(self) -> str:
+        """The redacted command, quoted for a shell; for logs and errors."""
+        import shlex
+
+        return shlex.join(self.redacted_argv())
+
+    def with_port(self, port: int) -> ServerSpec:
+        """The same server on another port (``--port`` in argv and base_url)."""
+        argv = list(self.argv)
+        for i, arg in enumerate(argv):
+            if arg == "--port" and i + 1 < len(argv):
+                argv[i + 1] = str(port)
+            elif arg.startswith("--port="):
+                argv[i] = f"--port={port}"
+        return replace(self, argv=tuple(argv), port=port, base_url=make_base_url(self.host, port))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "argv": list(self.redacted_argv()),
+            "env": self.redacted_env(),
+            "host": self.host,
+            "port": self.port,
+            "gpus": list(self.gpus),
+            "base_url": self.base_url,
+        }
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Every server a topology needs, and the endpoints clients should hit."""
+
+    topology: Topology
+    engine: str
+    servers: tuple[ServerSpec, ...]
+    endpoints: tuple[str, ...]      # one per replica; one for native DP
+    model: str                      # served model name clients send
+    startup_timeout_s: float
+
+    def with_server(self, index: int, server: ServerSpec) -> LaunchPlan:
+        """Replace one server (after a port change), keeping endpoints in step."""
+        old = self.servers[index]
+        servers = list(self.servers)
+        servers[index] = server
+        endpoints = tuple(server.base_url if url == old.base_url else url for url in self.endpoints)
+        return replace(self, servers=tuple(servers), endpoints=endpoints)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Redacted; for the run record."""
+        return {
+            "topology": self.topology.name,
+            "engine": self.engine,
+            "model": self.model,
+            "endpoints": list(self.endpoints),
+            "startup_timeout_s": self.startup_timeout_s,
+            "servers": [s.to_dict() for s in self.servers],
+        }
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Settings that come from the user, not from the topology."""
+
+    host: str = "127.0.0.1"
+    api_key: str | None = field(default=None, repr=False)
+    # How to run vLLM's CLI, e.g. ("/opt/venv/bin/vllm",) or
+    # ("/venv/bin/python", "-m", "vllm.entrypoints.cli.main").
+    vllm_command: tuple[str, ...] = ("vllm",)
+    sim_args: tuple[str, ...] = ()      # extra simulator args, e.g. fault knobs
+    seed: int = 0
+    fixtures_dir: Path | None = None    # handed to the simulator as MM27_FIXTURES_DIR
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Overrides topology.startup_timeout_s when set.
+    startup_timeout_s: float | None = None
+
+
+class Engine(Protocol):
+    name: str
+
+    def plan(self, topology: Topology, options: EngineOptions, ports: Sequence[int],
+             devices: Sequence[tuple[int, ...]]) -> LaunchPlan: ...
+
+    def version(self, options: EngineOptions) -> str: ...
+
+    def available(self, options: EngineOptions, topology: Topology | None = None) -> tuple[bool, str]: ...
+
+    def device_kind(self, topology: Topology) -> DeviceKind | None: ...
+
+    def devices_needed(self, topology: Topology) -> int: ...
+
+
+def make_base_url(host: str, port: int) -> str:
+    """The URL clients (and the health probe) use; wildcard binds map to loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"          # IPv6 literal
+    return f"http://{host}:{port}"
+
+
+def check_ports(topology: Topology, engine: str, ports: Sequence[int]) -> list[int]:
+    """One port per server; an empty sequence means "launcher picks" (all 0)."""
+    n = topology.replicas
+    if not ports:
+        return [0] * n
+    if len(ports) != n:
+        raise ConfigError(f"{engine} engine: topology {topology.name!r} starts {n} server(s), "
+                          f"got {len(ports)} port(s)")
+    for port in ports:
+        if not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{engine} engine: port {port} is out of range")
+    if len({p for p in ports if p}) != len([p for p in ports if p]):
+        raise ConfigError(f"{engine} engine: the same port is given to two servers: {list(ports)}")
+    return [int(p) for p in ports]
+
+
+def split_devices(topology: Topology, devices: Sequence[int]) -> list[tuple[int, ...]]:
+    """Share leased devices out between a topology's servers, in order.
+
+    Replicas get disjoint, equal slices; a native-DP server gets them all.
+    With more devices than ``topology.gpus`` (CPU cores), each server gets an
+    equal share so every rank can own several cores.
+    """
+    n = topology.replicas
+    devices = list(devices)
+    if not devices:
+        return [() for _ in range(n)]
+    per = len(devices) // n
+    if per < topology.gpus_per_server:
+        raise ConfigError(f"topology {topology.name!r} needs {topology.gpus} device(s), got {len(devices)}")
+    return [tuple(devices[i * per:(i + 1) * per]) for i in range(n)]
+
+
+def check_devices(topology: Topology, engine: str, devices: Sequence[tuple[int, ...]], *,
+                  required: bool, exact: bool) -> list[tuple[int, ...]]:
+    n = topology.replicas
+    if not devices:
+        if required:
+            raise ConfigError(f"{engine} engine: topology {topology.name!r} needs device sets for "
+                              f"{n} server(s) of {topology.gpus_per_server} each, got none")
+        return [() for _ in range(n)]
+    if len(devices) != n:
+        raise ConfigError(f"{engine} engine: topology {topology.name!r} starts {n} server(s), "
+                          f"got {len(devices)} device set(s)")
+    seen: set[int] = set()
+    for i, devs in enumerate(devices):
+        k = topology.gpus_per_server
+        if required and (len(devs) < k or (exact and len(devs) != k) or len(devs) % k):
+            want = f"exactly {k}" if exact else f"a multiple of {k}"
+            raise ConfigError(f"{engine} engine: server {i} of topology {topology.name!r} needs {want} "
+                              f"device(s), got {list(devs)}")
+        overlap = seen.intersection(devs)
+        if overlap:
+            raise ConfigError(f"{engine} engine: device(s) {sorted(overlap)} given to two servers")
+        seen.update(devs)
+    return [tuple(int(d) for d in devs) for devs in devices]
+
+
+def frozen_env(*layers: Mapping[str, str] | None) -> Mapping[str, str]:
+    env: dict[str, str] = {}
+    for layer in layers:
+        if layer:
+            env.update({str(k): str(v) for k, v in layer.items()})
+    return MappingProxyType(env)
+
+
+def server_name(topology: Topology, index: int) -> str:
+    return f"{topology.name}-r{index}"
+
+
+def startup_timeout(topology: Topology, options: EngineOptions, cap: float | None = None) -> float:
+    if options.startup_timeout_s is not None:
+        return float(options.startup_timeout_s)
+    timeout = float(topology.startup_timeout_s)
+    return min(timeout, cap) if cap else timeout
