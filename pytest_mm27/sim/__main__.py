@@ -1,0 +1,174 @@
+"""Command line of the simulator: ``serve`` (like ``vllm serve``), ``predict`` and ``plan``.
+
+    python -m pytest_mm27.sim serve --port 8000 --served-model-name M --hardware rtx-pro-6000 \\
+        --model minimax-m2.7-nvfp4 --tensor-parallel-size 2 --data-parallel-size 1 ...
+    python -m pytest_mm27.sim predict --topology dp3 [--workload default] [--concurrency 1,4] [--json]
+    python -m pytest_mm27.sim plan --gpus 4 --hardware rtx-pro-6000 --model minimax-m2.7-nvfp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import Mm27Error
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return v
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"must hold positive integers, got {text!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.sim",
+                                 description="Simulated vLLM server and serving planner.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the OpenAI API like `vllm serve`, on the wall clock")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", required=True)
+    s.add_argument("--hardware", required=True, help="hardware profile (fixtures/hardware/NAME.toml)")
+    s.add_argument("--model", required=True, help="model spec (fixtures/models/NAME.toml)")
+    s.add_argument("--tensor-parallel-size", type=_positive_int, default=1)
+    s.add_argument("--data-parallel-size", type=_positive_int, default=1)
+    s.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    s.add_argument("--max-model-len", type=_positive_int, default=32768)
+    s.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--slowdown", type=_positive_float, default=1.0, help="every step takes this factor longer")
+    s.add_argument("--error-rate", type=_fraction, default=0.0, help="fraction of requests answered with HTTP 500")
+    s.add_argument("--crash-after", type=_positive_int, default=None, help="exit(1) when request N arrives")
+    s.add_argument("--hang-after", type=_positive_int, default=None,
+                   help="from request N on, streams stop mid-stream and never finish")
+    s.add_argument("--startup-delay", type=float, default=0.0, help="seconds /health answers 503")
+    s.add_argument("--fixtures-dir", type=Path, action="append", default=None,
+                   help="extra fixtures/ root searched first (repeatable)")
+
+    p = sub.add_parser("predict", help="predict a topology's curve on a virtual clock")
+    p.add_argument("--topology", required=True)
+    p.add_argument("--workload", default="default")
+    p.add_argument("--concurrency", type=_levels, default=None, help="e.g. 1,4,16 (default: the topology's levels)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of per-level objects")
+    p.add_argument("--fixtures-dir", type=Path, action="append", default=None)
+
+    q = sub.add_parser("plan", help="rank the TP x DP splits of N GPUs for a model")
+    q.add_argument("--gpus", type=_positive_int, required=True)
+    q.add_argument("--hardware", required=True)
+    q.add_argument("--model", required=True)
+    q.add_argument("--workload", default="default")
+    q.add_argument("--concurrency", type=_levels, default=None)
+    q.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    q.add_argument("--max-model-len", type=_positive_int, default=32768)
+    q.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--fixtures-dir", type=Path, action="append", default=None)
+    return ap
+
+
+def _workload(name: str, extra: list[Path] | None):
+    from ..paths import catalog_dirs
+    from ..workload import load_workloads
+    return load_workloads(catalog_dirs("workloads", extra)).get(name)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .cluster import setup_for
+    from .server import Faults, serve
+    setup = setup_for(args.hardware, args.model, args.tensor_parallel_size, args.data_parallel_size,
+                      args.max_num_seqs, args.gpu_memory_utilization, args.max_model_len,
+                      slowdown=args.slowdown, extra_dirs=args.fixtures_dir)
+    faults = Faults(slowdown=args.slowdown, error_rate=args.error_rate, crash_after=args.crash_after,
+                    hang_after=args.hang_after, startup_delay=args.startup_delay)
+    serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..paths import catalog_dirs
+    from ..topology import load_catalog
+    from .cluster import setup_for_topology
+    from .virtual import predict_curve
+    topo = load_catalog(catalog_dirs("topologies", args.fixtures_dir)).get(args.topology)
+    workload = _workload(args.workload, args.fixtures_dir)
+    setup = setup_for_topology(topo, extra_dirs=args.fixtures_dir)
+    levels = args.concurrency or topo.concurrency_levels
+    curve = predict_curve(setup, levels, workload)
+    if args.json:
+        keys = ("concurrency", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2el_p50_ms",
+                "requests")
+        print(json.dumps([{k: getattr(p, k) for k in keys} for p in curve], indent=2))
+        return 0
+    fit = setup.memory()
+    print(f"predict: topology {topo.name} ({setup.model.name} on {setup.hardware.name}, "
+          f"TP={setup.tp} x DP={setup.dp}, {topo.dp_mode}), workload {workload.name} "
+          f"({workload.input_tokens} in / {workload.output_tokens} out)")
+    print(f"         per engine: {fit.reason}")
+    print(f"{'c':>5} {'reqs':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+          f"{'E2EL p50':>9} {'running':>8} {'preempt':>8}")
+    for p in curve:
+        print(f"{p.concurrency:>5} {p.requests:>5} {p.output_tok_s:>10,.0f} {p.ttft_p50_ms:>7,.0f}ms "
+              f"{p.ttft_p99_ms:>7,.0f}ms {p.tpot_p50_ms:>7.1f}ms {p.e2el_p50_ms:>7,.0f}ms "
+              f"{p.max_running:>8} {p.preemptions:>8}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import DEFAULT_LEVELS, plan, render_plan
+    workload = _workload(args.workload, args.fixtures_dir)
+    cands = plan(args.hardware, args.model, args.gpus, workload, levels=args.concurrency or DEFAULT_LEVELS,
+                 max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                 max_model_len=args.max_model_len, extra_dirs=args.fixtures_dir)
+    if args.json:
+        print(json.dumps([{
+            "tp": c.tp, "dp": c.dp, "fits": c.problem is None, "problem": c.problem,
+            "weights_gib_per_gpu": round(c.fit.weights_gib_per_gpu, 2), "kv_tokens": c.fit.kv_tokens,
+            "peak_output_tok_s": c.peak.output_tok_s if c.peak else None,
+            "peak_concurrency": c.peak.concurrency if c.peak else None,
+            "curve": [{"concurrency": p.concurrency, "output_tok_s": p.output_tok_s} for p in c.curve],
+        } for c in cands], indent=2))
+        return 0
+    print(render_plan(cands, args.hardware, args.model, args.gpus, workload.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"serve": cmd_serve, "predict": cmd_predict, "plan": cmd_plan}[args.command](args)
+    except Mm27Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
