@@ -64,7 +64,7 @@ def redact_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: (REDACTED if is_secret_env(k) else v) for k, v in env.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ServerSpec:
     """One server process: how to start it and where it will listen."""
 
@@ -77,6 +77,11 @@ class ServerSpec:
     base_url: str                   # "http://host:port"
     # Sent as a bearer token by the launcher's health probe; never printed.
     api_key: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        # Reprs end up in tracebacks and pytest failure output: keep them redacted.
+        return (f"ServerSpec(name={self.name!r}, argv={self.redacted_argv()!r}, env={self.redacted_env()!r}, "
+                f"host={self.host!r}, port={self.port!r}, gpus={self.gpus!r}, base_url={self.base_url!r})")
 
     def redacted_argv(self) -> tuple[str, ...]:
         return redact_argv(self.argv)
@@ -143,7 +148,7 @@ class LaunchPlan:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EngineOptions:
     """Settings that come from the user, not from the topology."""
 
@@ -158,6 +163,12 @@ class EngineOptions:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # Overrides topology.startup_timeout_s when set.
     startup_timeout_s: float | None = None
+
+    def __repr__(self) -> str:
+        return (f"EngineOptions(host={self.host!r}, api_key={REDACTED if self.api_key else None!r}, "
+                f"vllm_command={self.vllm_command!r}, sim_args={redact_argv(self.sim_args)!r}, seed={self.seed!r}, "
+                f"fixtures_dir={self.fixtures_dir!r}, extra_env={redact_env(self.extra_env)!r}, "
+                f"startup_timeout_s={self.startup_timeout_s!r})")
 
 
 class Engine(Protocol):
