@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The launcher passes an extra fixtures root through the environment.
+    env_dirs = [Path(p) for p in os.environ.get("MM27_FIXTURES_DIR", "").split(os.pathsep) if p]
+    if env_dirs:
+        args.fixtures_dir = [*(args.fixtures_dir or []), *env_dirs]
     try:
         return {"serve": cmd_serve, "predict": cmd_predict, "plan": cmd_plan}[args.command](args)
     except Mm27Error as exc:
