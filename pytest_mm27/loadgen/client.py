@@ -1,0 +1,289 @@
+"""The async streaming client: closed-loop slots, one event loop per process.
+
+Hot-path rules (the client must not be the bottleneck):
+- one ``time.monotonic()`` per socket read, not per SSE event;
+- no JSON parsing of token chunks (see ``sse``);
+- request bodies are built in the slot that sends them, outside the
+  measured latency (the cost shows up as dispatch lag, where it belongs);
+- no connection limit (``limit=0``), so no slot ever waits for another's
+  connection; one session per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from .metrics import RequestRecord
+from .prompts import RequestFactory
+from .sse import SSEParser, StreamError
+
+monotonic = time.monotonic
+
+TICK_S = 0.010  # event-loop lag ticker period
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when importable, else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_sync(coro_fn: Callable[[], object]) -> object:
+    """Run a coroutine on a private event loop (works with no loop running)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro_fn())
+
+
+def make_session(api_key: str | None, concurrency: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0,                    # no pool cap: a slot never waits for a connection
+        limit_per_host=0,
+        keepalive_timeout=120,
+        ttl_dns_cache=None,
+        force_close=False,
+    )
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=None),  # our own per-request timeout covers everything
+        read_bufsize=1 << 18,       # large reads: many SSE events per read at high rates
+        auto_decompress=False,
+        trust_env=False,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+async def prewarm_connections(session: aiohttp.ClientSession, endpoints: Sequence[str], n: int) -> None:
+    """Open about ``n`` pooled keep-alive connections, spread over the endpoints.
+
+    Concurrent cheap GETs each take their own connection (the pool has no
+    limit) and leave it in the pool, so the measured window's first requests
+    do not pay TCP connects inside their TTFT. Failures are ignored here:
+    the measured requests will report them.
+    """
+    per_ep = max(1, math.ceil(n / max(1, len(endpoints))))
+
+    async def get(url: str) -> None:
+        try:
+            async with asyncio.timeout(10.0):
+                async with session.get(url) as resp:
+                    await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass
+
+    await asyncio.gather(*(get(ep.rstrip("/") + "/v1/models") for ep in endpoints for _ in range(per_ep)))
+
+
+# --- endpoint choice and request claiming (local versions; runner has shared ones) ---
+
+class LeastOutstanding:
+    """Least outstanding requests; ties go round-robin."""
+
+    def __init__(self, n: int):
+        self.out = [0] * n
+        self.rr = 0
+
+    def acquire(self) -> int:
+        out = self.out
+        n = len(out)
+        best = self.rr
+        best_v = out[best]
+        for k in range(1, n):
+            i = (self.rr + k) % n
+            if out[i] < best_v:
+                best, best_v = i, out[i]
+        out[best] += 1
+        self.rr = (best + 1) % n
+        return best
+
+    def release(self, i: int) -> None:
+        self.out[i] -= 1
+
+
+class CountClaimer:
+    """Hands out request indices 0..limit-1, or until ``stop_at`` (monotonic) passes."""
+
+    def __init__(self, limit: int | None, stop_at: float | None = None):
+        self.next = 0
+        self.limit = limit
+        self.stop_at = stop_at
+
+    def claim(self) -> int | None:
+        if self.limit is not None and self.next >= self.limit:
+            return None
+        if self.stop_at is not None and monotonic() >= self.stop_at:
+            return None
+        i = self.next
+        self.next += 1
+        return i
+
+
+# --- one request ---
+
+_WS = re.compile(r"\s+")
+
+
+def _clean(text: bytes) -> str:
+    return _WS.sub(" ", text.decode("utf-8", "replace")).strip()[:200]
+
+
+def _connect_reason(exc: BaseException) -> str:
+    os_err = getattr(exc, "os_error", None) or exc
+    if getattr(os_err, "errno", None) == errno.ECONNREFUSED or isinstance(os_err, ConnectionRefusedError):
+        return "connection refused"
+    return f"connection error: {str(exc)[:150]}"
+
+
+async def do_request(
+    session: aiohttp.ClientSession, url: str, body: bytes, rec: RequestRecord, timeout_s: float
+) -> None:
+    """Send one streaming request, filling ``rec`` (never raises for server faults)."""
+    got_headers = False
+    parser = SSEParser()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.post(url, data=body) as resp:
+                got_headers = True
+                if resp.status != 200:
+                    text = await resp.content.read(4096)
+                    rec.error = f"HTTP {resp.status}: {_clean(text)}"
+                    return
+                feed = parser.feed
+                async for data in resp.content.iter_any():
+                    feed(data, monotonic())
+                parser.finish()
+    except TimeoutError:
+        rec.error = "timeout"
+        return
+    except StreamError as e:
+        rec.error = str(e)
+        return
+    except aiohttp.ClientConnectorError as e:
+        rec.error = _connect_reason(e)
+        return
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+        rec.error = "stream ended before [DONE]" if got_headers else "server disconnected"
+        return
+    except aiohttp.ClientResponseError as e:
+        rec.error = f"bad response: {str(e)[:150]}"
+        return
+    except (aiohttp.ClientError, OSError) as e:
+        rec.error = _connect_reason(e) if not got_headers else f"client error: {type(e).__name__}: {str(e)[:150]}"
+        return
+    usage = parser.usage or {}
+    completion = usage.get("completion_tokens")
+    if not isinstance(completion, int):
+        rec.error = "no usage"
+        return
+    if completion > 0 and not parser.chunk_times:
+        rec.error = "no text chunks"
+        return
+    rec.chunk_times = parser.chunk_times
+    rec.output_tokens = completion
+    prompt = usage.get("prompt_tokens")
+    rec.prompt_tokens = prompt if isinstance(prompt, int) else 0
+    rec.ok = True
+
+
+# --- a closed loop of slots ---
+
+@dataclass
+class LoopResult:
+    records: list[RequestRecord]    # times in this process's monotonic clock
+    loop_lag_ms: list[float]
+    cpu_s: float
+    wall_s: float
+    timed_out: bool
+
+
+class Picker:  # protocol-ish, for type hints only
+    def acquire(self) -> int: ...
+    def release(self, i: int) -> None: ...
+
+
+async def closed_loop(
+    session: aiohttp.ClientSession,
+    endpoints: Sequence[str],
+    factory: RequestFactory,
+    concurrency: int,
+    claim: Callable[[], int | None],
+    picker: Picker,
+    *,
+    timeout_s: float,
+    deadline: float | None = None,
+    worker: int = 0,
+    measure: bool = True,
+) -> LoopResult:
+    """Keep ``concurrency`` requests in flight while ``claim`` hands out indices."""
+    urls = [ep.rstrip("/") + factory.path for ep in endpoints]
+    records: list[RequestRecord] = []
+    inflight: dict[int, RequestRecord] = {}
+    lags: list[float] = []
+
+    async def slot(slot_free: float) -> None:
+        while (idx := claim()) is not None:
+            ep = picker.acquire()
+            try:
+                body = factory.body(idx)
+                rec = RequestRecord(index=idx, endpoint=endpoints[ep], worker=worker,
+                                    slot_free=slot_free, sent=0.0, end=0.0)
+                inflight[idx] = rec
+                rec.sent = monotonic()
+                await do_request(session, urls[ep], body, rec, timeout_s)
+                rec.end = slot_free = monotonic()
+            finally:
+                picker.release(ep)
+            del inflight[idx]
+            records.append(rec)
+
+    async def ticker() -> None:
+        append = lags.append
+        while True:
+            t = monotonic()
+            await asyncio.sleep(TICK_S)
+            append((monotonic() - t - TICK_S) * 1000.0)
+
+    tick = asyncio.create_task(ticker()) if measure else None
+    cpu0 = time.process_time()
+    t0 = monotonic()
+    tasks = [asyncio.create_task(slot(t0)) for _ in range(concurrency)]
+    timed_out = False
+    try:
+        if deadline is None:
+            await asyncio.gather(*tasks)
+        else:
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - monotonic()))
+            if pending:
+                timed_out = True
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            for t in done:
+                t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
+        if tick is not None:
+            tick.cancel()
+    now = monotonic()
+    for rec in inflight.values():  # cancelled by the level timeout
+        rec.error = "timeout"
+        rec.ok = False
+        rec.end = now
+        records.append(rec)
+    inflight.clear()
+    return LoopResult(records, lags, time.process_time() - cpu0, now - t0, timed_out)

@@ -1,0 +1,369 @@
+"""Per-request records and the level metrics computed from them.
+
+Pure functions only: no I/O, no clocks. Definitions follow DESIGN.md
+("Metric definitions"), which are those of vLLM's benchmark client:
+
+- TTFT: request sent -> first chunk carrying generated text.
+- ITL: every gap between consecutive text-bearing chunks (per chunk).
+- TPOT: per request, (E2EL - TTFT) / (output_tokens - 1).
+- E2EL: request sent -> last text-bearing chunk.
+- output tokens: the server's ``usage.completion_tokens``.
+- throughput: tokens of successful requests / wall time of the measured
+  window (first send to last completion, warm-up excluded).
+
+All times in a record are seconds on one timeline shared by every worker
+process of the level (see ``runner``); only differences are meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# --- client-bound thresholds (documented in README of the package, see __init__) ---
+# The event loop overslept its 10 ms ticker by this much at p99: chunk
+# timestamps are blurred by at least this much, so TTFT/ITL are not the server's.
+LOOP_LAG_P99_LIMIT_MS = 10.0
+# A request was sent this late after its slot freed (p99): the client, not the
+# server, limited the offered concurrency.
+DISPATCH_LAG_P99_LIMIT_MS = 10.0
+# One worker process used this share of a core over the window: it had no
+# headroom left, whatever the lags say.
+CPU_UTIL_LIMIT = 0.90
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    """Summary of a sample in milliseconds. Empty samples give all-NaN-free zeros with n=0."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    min: float
+    max: float
+    n: int = 0
+
+    @classmethod
+    def of(cls, values_ms: Iterable[float]) -> Percentiles:
+        data = sorted(values_ms)
+        if not data:
+            return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+        return cls(
+            mean=math.fsum(data) / len(data),
+            p50=percentile(data, 50),
+            p90=percentile(data, 90),
+            p99=percentile(data, 99),
+            min=data[0],
+            max=data[-1],
+            n=len(data),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Percentiles:
+        return cls(**data)
+
+
+def percentile(sorted_data: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, as vLLM uses)."""
+    if not sorted_data:
+        raise ValueError("percentile of an empty sample")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside 0..100")
+    pos = (len(sorted_data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_data) - 1)
+    frac = pos - lo
+    return sorted_data[lo] + (sorted_data[hi] - sorted_data[lo]) * frac
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one measured request did. Times in seconds on the level's shared timeline."""
+
+    index: int                  # order in which the request was claimed (0-based)
+    endpoint: str
+    worker: int
+    slot_free: float            # when the slot that sent it became free (dispatch was due)
+    sent: float                 # just before the HTTP request was issued
+    end: float                  # when the client was done with it (success or failure)
+    ok: bool = False
+    error: str | None = None
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
+    output_tokens: int = 0      # usage.completion_tokens
+    prompt_tokens: int = 0      # usage.prompt_tokens
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.sent if self.chunk_times else None
+
+    @property
+    def e2el(self) -> float | None:
+        return self.chunk_times[-1] - self.sent if self.chunk_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        return tpot(self.sent, self.chunk_times, self.output_tokens)
+
+    def itls(self) -> list[float]:
+        return itls(self.chunk_times)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
+        return cls(**data)
+
+
+def tpot(sent: float, chunk_times: Sequence[float], output_tokens: int) -> float | None:
+    """(E2EL - TTFT) / (output_tokens - 1); None when it is undefined (< 2 tokens)."""
+    if output_tokens < 2 or not chunk_times:
+        return None
+    return (chunk_times[-1] - chunk_times[0]) / (output_tokens - 1)
+
+
+def itls(chunk_times: Sequence[float]) -> list[float]:
+    return [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+
+
+def steady_window(records: Sequence[RequestRecord], concurrency: int) -> tuple[float, float] | None:
+    """The span during which all ``concurrency`` slots were busy.
+
+    It opens when the c-th request is sent (ramp-up over) and closes at the
+    first completion after the last send (from then on slots only drain).
+    None when c requests were never in flight together.
+    """
+    if len(records) < concurrency or concurrency < 1:
+        return None
+    sends = sorted(r.sent for r in records)
+    start = sends[concurrency - 1]
+    last_send = sends[-1]
+    after = [r.end for r in records if r.end > last_send and r.end > start]
+    if not after:
+        return None
+    end = min(after)
+    if end <= start:
+        return None
+    return start, end
+
+
+def tokens_in_window(record: RequestRecord, start: float, end: float) -> float:
+    """Tokens whose (estimated) arrival lies in [start, end].
+
+    The server's completion_tokens is spread evenly over the text-bearing
+    chunks, so a stream that packs several tokens per chunk is counted right.
+    """
+    if not record.chunk_times or record.output_tokens <= 0:
+        return 0.0
+    per_chunk = record.output_tokens / len(record.chunk_times)
+    inside = sum(1 for t in record.chunk_times if start <= t <= end)
+    return inside * per_chunk
+
+
+@dataclass
+class SelfMeasurement:
+    """What one worker process measured about itself over the measured window."""
+
+    worker: int
+    cpu_s: float                # process CPU time (user + system) over the window
+    wall_s: float
+    loop_lag_ms: list[float]    # oversleep of each ticker wake-up
+
+    @property
+    def cpu_util(self) -> float:
+        return self.cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class LevelMetrics:
+    """Everything measured at one concurrency level. JSON-safe via to_dict/from_dict."""
+
+    concurrency: int
+    requests: int               # measured requests sent (warm-up excluded)
+    ok: int
+    failed: int
+    error_rate: float
+    errors: dict[str, int]
+    duration_s: float           # first send -> last completion of the measured window
+    output_tokens: int
+    prompt_tokens: int
+    output_tok_s: float
+    total_tok_s: float
+    request_tok_s: float        # successful requests per second
+    ttft_ms: Percentiles
+    tpot_ms: Percentiles
+    itl_ms: Percentiles
+    e2el_ms: Percentiles
+    queue_ms: Percentiles       # dispatch lag: slot free -> request sent
+    steady_output_tok_s: float | None = None
+    steady_window_s: float | None = None
+    # self-measurement
+    workers: int = 1
+    endpoints: list[str] = field(default_factory=list)
+    loop_lag_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))
+    client_cpu_s: float = 0.0           # all workers together
+    client_cpu_util: float = 0.0        # busiest worker, share of one core
+    worker_cpu_util: list[float] = field(default_factory=list)
+    client_bound: bool = False
+    client_bound_reason: str | None = None
+    # server cross-check (vllm:generation_tokens_total over the measured window)
+    server_output_tokens: int | None = None
+    server_tokens_match: bool | None = None
+    warmup_requests: int = 0
+    timed_out: bool = False             # the level timeout cut the window short
+
+    _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self._NESTED:
+            data[name] = data[name].to_dict()
+        data["errors"] = dict(self.errors)
+        data["endpoints"] = list(self.endpoints)
+        data["worker_cpu_util"] = list(self.worker_cpu_util)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LevelMetrics:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for name in cls._NESTED:
+            if name in kwargs and isinstance(kwargs[name], dict):
+                kwargs[name] = Percentiles.from_dict(kwargs[name])
+        return cls(**kwargs)
+
+    def summary(self) -> str:
+        steady = f"{self.steady_output_tok_s:.1f}" if self.steady_output_tok_s is not None else "-"
+        line = (
+            f"c={self.concurrency} req={self.requests} ok={self.ok} failed={self.failed} "
+            f"out_tok/s={self.output_tok_s:.1f} steady={steady} "
+            f"ttft p50={self.ttft_ms.p50:.1f}ms p99={self.ttft_ms.p99:.1f}ms "
+            f"tpot p50={self.tpot_ms.p50:.2f}ms itl p99={self.itl_ms.p99:.2f}ms "
+            f"e2el p50={self.e2el_ms.p50:.0f}ms queue p99={self.queue_ms.p99:.2f}ms "
+            f"loop-lag p99={self.loop_lag_ms.p99:.2f}ms cpu={self.client_cpu_util:.0%}"
+        )
+        if self.server_tokens_match is not None:
+            line += f" server-tokens={'match' if self.server_tokens_match else 'MISMATCH'}"
+        if self.client_bound:
+            line += f" CLIENT-BOUND ({self.client_bound_reason})"
+        if self.errors:
+            line += " errors=" + "; ".join(f"{n}x {r}" for r, n in self.errors.items())
+        return line
+
+
+def judge_client_bound(
+    queue: Percentiles, loop_lag: Percentiles, worker_cpu_util: Sequence[float]
+) -> tuple[bool, str | None]:
+    reasons = []
+    if loop_lag.n and loop_lag.p99 > LOOP_LAG_P99_LIMIT_MS:
+        reasons.append(f"event-loop lag p99 {loop_lag.p99:.1f} ms > {LOOP_LAG_P99_LIMIT_MS:g} ms")
+    if queue.n and queue.p99 > DISPATCH_LAG_P99_LIMIT_MS:
+        reasons.append(f"refill dispatch lag p99 {queue.p99:.1f} ms > {DISPATCH_LAG_P99_LIMIT_MS:g} ms")
+    busiest = max(worker_cpu_util, default=0.0)
+    if busiest > CPU_UTIL_LIMIT:
+        reasons.append(f"worker CPU {busiest:.0%} of a core > {CPU_UTIL_LIMIT:.0%}")
+    if reasons and busiest < 0.5:
+        # Late wake-ups without CPU use: other processes took the cores.
+        reasons.append(f"client got only {busiest:.0%} of a core: machine overloaded")
+    return (bool(reasons), "; ".join(reasons) or None)
+
+
+def compute_level_metrics(
+    records: Sequence[RequestRecord],
+    concurrency: int,
+    *,
+    self_measurements: Sequence[SelfMeasurement] = (),
+    endpoints: Sequence[str] = (),
+    warmup_requests: int = 0,
+    server_output_tokens: int | None = None,
+    timed_out: bool = False,
+) -> LevelMetrics:
+    """Metrics of one level from the merged records of all its workers, computed once."""
+    ok = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    errors: dict[str, int] = {}
+    for r in failed:
+        reason = r.error or "unknown error"
+        errors[reason] = errors.get(reason, 0) + 1
+
+    if records:
+        duration = max(r.end for r in records) - min(r.sent for r in records)
+    else:
+        duration = 0.0
+    out_tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = sum(r.prompt_tokens for r in ok)
+
+    def rate(x: float) -> float:
+        return x / duration if duration > 0 else 0.0
+
+    ms = 1000.0
+    ttft = Percentiles.of(r.ttft * ms for r in ok if r.chunk_times)
+    e2el = Percentiles.of(r.e2el * ms for r in ok if r.chunk_times)
+    tpots = Percentiles.of(t * ms for r in ok if (t := r.tpot) is not None)
+    itl_values: list[float] = []
+    for r in ok:
+        ct = r.chunk_times
+        itl_values.extend((b - a) * ms for a, b in zip(ct, ct[1:]))
+    itl = Percentiles.of(itl_values)
+    queue = Percentiles.of((r.sent - r.slot_free) * ms for r in records)
+
+    steady_rate = steady_span = None
+    window = steady_window(records, concurrency)
+    if window is not None:
+        start, end = window
+        steady_span = end - start
+        steady_rate = sum(tokens_in_window(r, start, end) for r in ok) / steady_span
+
+    lag_values: list[float] = []
+    for sm in self_measurements:
+        lag_values.extend(sm.loop_lag_ms)
+    loop_lag = Percentiles.of(lag_values)
+    worker_util = [sm.cpu_util for sm in sorted(self_measurements, key=lambda s: s.worker)]
+    # The first c sends all fall due at once (ramp-up); only refills show
+    # whether the client keeps up, so only they are judged.
+    refill_queue = Percentiles.of((r.sent - r.slot_free) * ms for r in records if r.index >= concurrency)
+    bound, reason = judge_client_bound(refill_queue, loop_lag, worker_util)
+
+    match: bool | None = None
+    if server_output_tokens is not None and not failed and not timed_out:
+        match = server_output_tokens == out_tokens
+
+    return LevelMetrics(
+        concurrency=concurrency,
+        requests=len(records),
+        ok=len(ok),
+        failed=len(failed),
+        error_rate=len(failed) / len(records) if records else 0.0,
+        errors=errors,
+        duration_s=duration,
+        output_tokens=out_tokens,
+        prompt_tokens=prompt_tokens,
+        output_tok_s=rate(out_tokens),
+        total_tok_s=rate(out_tokens + prompt_tokens),
+        request_tok_s=rate(len(ok)),
+        ttft_ms=ttft,
+        tpot_ms=tpots,
+        itl_ms=itl,
+        e2el_ms=e2el,
+        queue_ms=queue,
+        steady_output_tok_s=steady_rate,
+        steady_window_s=steady_span,
+        workers=max(1, len(self_measurements)),
+        endpoints=list(endpoints),
+        loop_lag_ms=loop_lag,
+        client_cpu_s=sum(sm.cpu_s for sm in self_measurements),
+        client_cpu_util=max(worker_util, default=0.0),
+        worker_cpu_util=worker_util,
+        client_bound=bound,
+        client_bound_reason=reason,
+        server_output_tokens=server_output_tokens,
+        server_tokens_match=match,
+        warmup_requests=warmup_requests,
+        timed_out=timed_out,
+    )

@@ -1,0 +1,72 @@
+"""Request bodies: deterministic prompts from the workload's seed."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from ..workload import Workload
+
+# Token ids stay inside 100..1999 so tiny test vocabularies (2048) accept them
+# and special tokens (usually the lowest ids) are never sent.
+TOKEN_ID_MIN = 100
+TOKEN_ID_MAX = 1999
+_SPAN = TOKEN_ID_MAX - TOKEN_ID_MIN + 1
+
+_WORDS = (
+    "the of and to in is was for on are with as by at from his her they this have an were "
+    "which be or had not one but what all when there can more if no out so said who up its "
+    "about into than them time could only new some these two may first then do any like my "
+    "now over such our man me even most made after also did many before must through back "
+    "years where much your way well down should because each just those people how too little "
+    "state good very make world still own see men work long get here between both life being"
+).split()
+
+
+class RequestFactory:
+    """Builds (path, JSON body) for request number ``index``.
+
+    Every request gets a different prompt (a rotation of one seeded base
+    sequence with a unique first token), so prefix caching cannot turn the
+    benchmark into a cache benchmark; the same seed gives the same prompts.
+    """
+
+    def __init__(self, workload: Workload, model: str):
+        self.workload = workload
+        rng = random.Random(workload.seed)
+        n = max(1, workload.input_tokens)
+        if workload.api == "chat":
+            self.path = "/v1/chat/completions"
+            self._base = [rng.choice(_WORDS) for _ in range(n)]
+        else:
+            self.path = "/v1/completions"
+            self._base = [rng.randrange(TOKEN_ID_MIN, TOKEN_ID_MAX + 1) for _ in range(n)]
+        self._common = {
+            "model": model,
+            "max_tokens": workload.output_tokens,
+            "ignore_eos": workload.ignore_eos,
+            "temperature": workload.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    def prompt_ids(self, index: int) -> list[int]:
+        base = self._base
+        k = index % len(base)
+        ids = base[k:] + base[:k]
+        ids[0] = TOKEN_ID_MIN + (index * 7919 + self.workload.seed) % _SPAN
+        return ids
+
+    def prompt_text(self, index: int) -> str:
+        base = self._base
+        k = index % len(base)
+        words = base[k:] + base[:k]
+        return f"request {index}: " + " ".join(words[: max(1, len(words) - 2)])
+
+    def body(self, index: int) -> bytes:
+        payload = dict(self._common)
+        if self.workload.api == "chat":
+            payload["messages"] = [{"role": "user", "content": self.prompt_text(index)}]
+        else:
+            payload["prompt"] = self.prompt_ids(index)
+        return json.dumps(payload, separators=(",", ":")).encode()

@@ -1,0 +1,434 @@
+"""run_level: one concurrency level, synchronously, on a private event loop.
+
+Worker sharding
+---------------
+With ``workers > 1`` the level's slots are spread over that many spawned
+processes (c // W each, the remainder to the first ones). They share, through
+shared memory, one request counter (so exactly ``requests_for(c)`` requests
+are sent, whoever finishes first takes the next) and one table of outstanding
+requests per endpoint (so least-outstanding balancing is global). Each worker
+returns its raw records; the parent merges them and computes metrics once.
+
+Clock alignment
+---------------
+``time.monotonic`` is only compared within one process. Every process maps
+its monotonic readings onto a shared timeline through the wall clock: it
+samples (wall, monotonic) pairs back to back, keeps the pair with the
+tightest bracket, and shifts its records by ``wall - mono - epoch`` where
+``epoch`` is a wall time the parent chose when it released the start
+barrier. Wall clock is read once per process, so an NTP step mid-level
+cannot tear intervals apart; the alignment error is the sampling bracket
+(microseconds). All workers wait on one start event before their first send.
+
+Default worker count
+--------------------
+``workers=None`` means 1 below ``AUTO_WORKERS_FROM`` concurrency; from there
+one worker per ``SLOTS_PER_WORKER`` slots, capped by the CPUs this process may
+run on minus one (left for whatever else runs here, often the server), and
+never fewer than 1. See bench_client for the measurements behind the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing as mp
+import os
+import pickle
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from ..errors import LoadError
+from ..workload import Workload
+from .client import (
+    CountClaimer,
+    LeastOutstanding,
+    closed_loop,
+    make_session,
+    monotonic,
+    prewarm_connections,
+    run_sync,
+)
+from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, compute_level_metrics
+from .prompts import RequestFactory
+
+AUTO_WORKERS_FROM = 512
+SLOTS_PER_WORKER = 512
+WORKER_START_TIMEOUT_S = 60.0
+METRIC_NAME = "vllm:generation_tokens_total"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(concurrency: int) -> int:
+    if concurrency < AUTO_WORKERS_FROM:
+        return 1
+    return max(1, min(usable_cpus() - 1, math.ceil(concurrency / SLOTS_PER_WORKER)))
+
+
+def clock_offset(samples: int = 20) -> float:
+    """wall - monotonic, from the tightest of ``samples`` back-to-back readings."""
+    best = (math.inf, 0.0)
+    for _ in range(samples):
+        m0 = time.monotonic()
+        w = time.time()
+        m1 = time.monotonic()
+        if m1 - m0 < best[0]:
+            best = (m1 - m0, w - (m0 + m1) / 2)
+    return best[1]
+
+
+def shift_records(records: list[RequestRecord], delta: float) -> None:
+    for r in records:
+        r.slot_free += delta
+        r.sent += delta
+        r.end += delta
+        r.chunk_times = [t + delta for t in r.chunk_times]
+
+
+# --- /metrics cross-check ---
+
+def parse_generation_tokens(text: str) -> float | None:
+    """Sum of ``vllm:generation_tokens_total`` over all its label sets; None if absent."""
+    total = None
+    for line in text.splitlines():
+        if not line.startswith(METRIC_NAME):
+            continue
+        rest = line[len(METRIC_NAME):]
+        if rest and rest[0] not in "{ ":
+            continue  # another metric sharing the prefix
+        try:
+            value = float(rest.rsplit("}", 1)[-1].split()[0])
+        except (IndexError, ValueError):
+            continue
+        total = (total or 0.0) + value
+    return total
+
+
+async def scrape_tokens(session: aiohttp.ClientSession, endpoints: Sequence[str]) -> float | None:
+    """Server-side generated tokens summed over endpoints; None if any lacks the metric."""
+    total = 0.0
+    for ep in dict.fromkeys(endpoints):  # the same server listed twice counts once
+        try:
+            async with asyncio.timeout(5.0):
+                async with session.get(ep.rstrip("/") + "/metrics") as resp:
+                    if resp.status != 200:
+                        return None
+                    value = parse_generation_tokens(await resp.text())
+        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
+            return None
+        if value is None:
+            return None
+        total += value
+    return total
+
+
+async def server_delta(session, endpoints, before: float | None, expect: int) -> int | None:
+    """Tokens the servers counted in the window; re-scrapes briefly while short of
+    ``expect``, because servers may bump the counter just after the stream ends."""
+    if before is None:
+        return None
+    delta = None
+    for attempt in range(6):
+        after = await scrape_tokens(session, endpoints)
+        if after is None:
+            return None
+        delta = int(round(after - before))
+        if delta >= expect:
+            break
+        await asyncio.sleep(0.2)
+    return delta
+
+
+# --- the level ---
+
+@dataclass
+class _Plan:
+    endpoints: list[str]
+    model: str
+    workload: Workload
+    concurrency: int
+    api_key: str | None
+    total: int | None          # requests to send (None: duration mode)
+    duration_s: float | None
+
+
+def _validate(endpoints, model, workload, concurrency, workers, level_timeout_s) -> list[str]:
+    eps = [str(e) for e in endpoints] if not isinstance(endpoints, str) else [endpoints]
+    if not eps:
+        raise LoadError("run_level needs at least one endpoint")
+    for e in eps:
+        if not e.startswith(("http://", "https://")):
+            raise LoadError(f"endpoint {e!r} is not an http(s) base URL")
+        if e.rstrip("/").endswith("/v1"):
+            raise LoadError(f"endpoint {e!r}: give the base URL; /v1 is added by the client")
+    if not model:
+        raise LoadError("run_level needs a model name")
+    if not isinstance(workload, Workload):
+        raise LoadError(f"workload must be a Workload, not {type(workload).__name__}")
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise LoadError(f"concurrency must be a positive integer, not {concurrency!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise LoadError(f"workers must be a positive integer, not {workers!r}")
+    if level_timeout_s is not None and level_timeout_s <= 0:
+        raise LoadError(f"level_timeout_s must be positive, not {level_timeout_s!r}")
+    return [e.rstrip("/") for e in eps]
+
+
+def run_level(
+    endpoints: Sequence[str],
+    model: str,
+    workload: Workload,
+    concurrency: int,
+    *,
+    api_key: str | None = None,
+    workers: int | None = None,
+    level_timeout_s: float | None = None,
+) -> LevelMetrics:
+    """Run one closed-loop level and return its metrics. Synchronous.
+
+    Request failures are counted in the metrics, never raised; ``LoadError``
+    means misuse (bad arguments) or a worker process that could not start.
+    """
+    eps = _validate(endpoints, model, workload, concurrency, workers, level_timeout_s)
+    n_workers = workers if workers is not None else auto_workers(concurrency)
+    n_workers = min(n_workers, concurrency)
+    plan = _Plan(
+        endpoints=eps, model=model, workload=workload, concurrency=concurrency, api_key=api_key,
+        total=None if workload.duration_s else workload.requests_for(concurrency),
+        duration_s=workload.duration_s,
+    )
+    deadline = monotonic() + level_timeout_s if level_timeout_s else None
+    if n_workers == 1:
+        return run_sync(lambda: _level_in_process(plan, deadline))
+    return _level_sharded(plan, n_workers, deadline)
+
+
+async def _warmup(session, plan: _Plan, factory: RequestFactory, deadline: float | None) -> None:
+    n = plan.workload.warmup_requests
+    if n <= 0:
+        return
+    # Warm-up indices come after any measured index, so prompts never repeat.
+    claimer = CountClaimer(n)
+    offset = 1 << 40
+    await closed_loop(
+        session, plan.endpoints, factory, min(plan.concurrency, n),
+        lambda: (None if (i := claimer.claim()) is None else offset + i),
+        LeastOutstanding(len(plan.endpoints)),
+        timeout_s=plan.workload.request_timeout_s, deadline=deadline, measure=False,
+    )
+
+
+async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics:
+    factory = RequestFactory(plan.workload, plan.model)
+    async with make_session(plan.api_key, plan.concurrency) as session:
+        await _warmup(session, plan, factory, deadline)
+        await prewarm_connections(session, plan.endpoints, plan.concurrency)
+        before = await scrape_tokens(session, plan.endpoints)
+        epoch = time.time()
+        stop_at = monotonic() + plan.duration_s if plan.duration_s else None
+        result = await closed_loop(
+            session, plan.endpoints, factory, plan.concurrency,
+            CountClaimer(plan.total, stop_at).claim, LeastOutstanding(len(plan.endpoints)),
+            timeout_s=plan.workload.request_timeout_s, deadline=deadline,
+        )
+        expect = sum(r.output_tokens for r in result.records if r.ok)
+        server = await server_delta(session, plan.endpoints, before, expect)
+    records = result.records
+    shift_records(records, clock_offset() - epoch)  # same timeline as sharded runs
+    sm = SelfMeasurement(0, result.cpu_s, result.wall_s, result.loop_lag_ms)
+    return compute_level_metrics(
+        sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=[sm],
+        endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
+        server_output_tokens=server, timed_out=result.timed_out,
+    )
+
+
+# --- sharded over processes ---
+
+class _SharedState:
+    """Request counter and per-endpoint outstanding counts in shared memory, one lock."""
+
+    def __init__(self, ctx, n_endpoints: int):
+        self.lock = ctx.Lock()
+        self.counter = ctx.RawValue("q", 0)
+        self.outstanding = ctx.RawArray("q", n_endpoints)
+        self.rr = ctx.RawValue("q", 0)
+        self.start = ctx.Event()
+        self.epoch = ctx.RawValue("d", 0.0)       # wall time the window opened
+        self.deadline = ctx.RawValue("d", 0.0)    # wall time the level must end (0: none)
+        self.abort = ctx.RawValue("b", 0)
+
+
+class _SharedClaimer:
+    def __init__(self, st: _SharedState, limit: int | None, stop_at: float | None):
+        self.st, self.limit, self.stop_at = st, limit, stop_at
+
+    def claim(self) -> int | None:
+        if self.stop_at is not None and monotonic() >= self.stop_at:
+            return None
+        with self.st.lock:
+            i = self.st.counter.value
+            if self.limit is not None and i >= self.limit:
+                return None
+            self.st.counter.value = i + 1
+            return i
+
+
+class _SharedPicker:
+    def __init__(self, st: _SharedState):
+        self.st = st
+        self.n = len(st.outstanding)
+
+    def acquire(self) -> int:
+        st, n = self.st, self.n
+        with st.lock:
+            out = st.outstanding
+            start = st.rr.value
+            best, best_v = start, out[start]
+            for k in range(1, n):
+                i = (start + k) % n
+                if out[i] < best_v:
+                    best, best_v = i, out[i]
+            out[best] += 1
+            st.rr.value = (best + 1) % n
+            return best
+
+    def release(self, i: int) -> None:
+        with self.st.lock:
+            self.st.outstanding[i] -= 1
+
+
+def _worker_main(plan: _Plan, worker: int, slots: int, st: _SharedState, conn) -> None:
+    try:
+        result = run_sync(lambda: _worker_async(plan, worker, slots, st, conn))
+        conn.send_bytes(pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as e:  # report, never hang the parent
+        try:
+            conn.send_bytes(pickle.dumps(("error", f"{type(e).__name__}: {e}")))
+        except Exception:
+            pass
+    finally:
+        conn.close()
+
+
+async def _worker_async(plan: _Plan, worker: int, slots: int, st: _SharedState, conn):
+    factory = RequestFactory(plan.workload, plan.model)
+    async with make_session(plan.api_key, slots) as session:
+        await prewarm_connections(session, plan.endpoints, slots)
+        conn.send_bytes(b"ready")
+        # Blocking wait is fine: nothing else runs on this loop yet.
+        if not st.start.wait(WORKER_START_TIMEOUT_S + (plan.workload.request_timeout_s * 4)) or st.abort.value:
+            return None
+        offset = clock_offset()                       # wall - mono
+        deadline = st.deadline.value - offset if st.deadline.value else None
+        stop_at = st.epoch.value - offset + plan.duration_s if plan.duration_s else None
+        result = await closed_loop(
+            session, plan.endpoints, factory, slots,
+            _SharedClaimer(st, plan.total, stop_at).claim, _SharedPicker(st),
+            timeout_s=plan.workload.request_timeout_s, deadline=deadline, worker=worker,
+        )
+    shift_records(result.records, offset - st.epoch.value)
+    sm = SelfMeasurement(worker, result.cpu_s, result.wall_s, result.loop_lag_ms)
+    return result.records, sm, result.timed_out
+
+
+def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> LevelMetrics:
+    ctx = mp.get_context("spawn")   # fork is unsafe with threads / a running loop in the parent
+    st = _SharedState(ctx, len(plan.endpoints))
+    share = [plan.concurrency // n_workers + (1 if i < plan.concurrency % n_workers else 0)
+             for i in range(n_workers)]
+    procs, conns = [], []
+    try:
+        for i, slots in enumerate(share):
+            parent_conn, child_conn = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker_main, args=(plan, i, slots, st, child_conn),
+                            name=f"mm27-loadgen-{i}", daemon=True)
+            p.start()
+            child_conn.close()
+            procs.append(p)
+            conns.append(parent_conn)
+        for i, c in enumerate(conns):
+            if not c.poll(WORKER_START_TIMEOUT_S):
+                raise LoadError(f"load generator worker {i} did not start within {WORKER_START_TIMEOUT_S:.0f} s")
+            msg = c.recv_bytes()
+            if msg != b"ready":
+                raise LoadError(f"load generator worker {i} failed to start: {pickle.loads(msg)[1]}")
+        return run_sync(lambda: _sharded_async(plan, st, conns, procs, deadline))
+    finally:
+        st.abort.value = 1
+        st.start.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+async def _sharded_async(plan: _Plan, st: _SharedState, conns, procs, deadline) -> LevelMetrics:
+    factory = RequestFactory(plan.workload, plan.model)
+    async with make_session(plan.api_key, plan.concurrency) as session:
+        await _warmup(session, plan, factory, deadline)
+        before = await scrape_tokens(session, plan.endpoints)
+        offset = clock_offset()
+        st.deadline.value = deadline + offset if deadline is not None else 0.0
+        st.epoch.value = time.time()
+        st.start.set()
+        # Gather results without blocking this loop's session (it is idle meanwhile).
+        loop = asyncio.get_running_loop()
+        grace = plan.workload.request_timeout_s + 30.0
+        wait_until = (deadline + 30.0) if deadline is not None else None
+        records: list[RequestRecord] = []
+        sms: list[SelfMeasurement] = []
+        timed_out = False
+        lost: list[str] = []
+        for i, c in enumerate(conns):
+            msg = await loop.run_in_executor(None, _recv, c, procs[i], wait_until, grace, plan)
+            if msg is None:
+                lost.append(f"worker {i} died")
+                continue
+            kind, payload = pickle.loads(msg)
+            if kind != "ok" or payload is None:
+                lost.append(f"worker {i}: {payload}")
+                continue
+            recs, sm, w_timed_out = payload
+            records.extend(recs)
+            sms.append(sm)
+            timed_out |= w_timed_out
+        expect = sum(r.output_tokens for r in records if r.ok)
+        server = await server_delta(session, plan.endpoints, before, expect)
+    if lost:
+        # Requests claimed by a dead worker are failures we cannot describe better.
+        claimed = st.counter.value
+        seen = {r.index for r in records}
+        t = max((r.end for r in records), default=0.0)
+        for idx in range(claimed):
+            if idx not in seen:
+                records.append(RequestRecord(idx, plan.endpoints[0], -1, t, t, t, error=lost[0][:200]))
+    return compute_level_metrics(
+        sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=sms,
+        endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
+        server_output_tokens=server, timed_out=timed_out,
+    )
+
+
+def _recv(conn, proc, wait_until: float | None, grace: float, plan: _Plan) -> bytes | None:
+    """Block (in a thread) until the worker reports, dies, or overruns its bound."""
+    while True:
+        if conn.poll(0.2):
+            try:
+                return conn.recv_bytes()
+            except EOFError:
+                return None
+        if not proc.is_alive() and not conn.poll(0):
+            return None
+        if wait_until is not None and monotonic() > wait_until + grace:
+            return None

@@ -1,0 +1,110 @@
+"""Cheap server-sent-events parsing for OpenAI-style streams.
+
+Only the final usage chunk (and error objects) are JSON-parsed. Whether a
+chunk carries generated text is decided by one compiled regex on the raw
+bytes: a non-empty JSON string under ``text`` (completions) or ``content`` /
+``reasoning_content`` / ``reasoning`` (chat deltas). Inside a JSON string a
+quote is always escaped, so the pattern cannot match inside generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+# "text":"x  |  "content": "x  -- a non-empty string value
+_TEXT = re.compile(rb'"(?:text|content|reasoning_content|reasoning)"\s*:\s*"(?!")')
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_ERROR = re.compile(rb'"error"\s*:\s*[{"]')
+
+
+class StreamError(Exception):
+    """The stream broke the protocol; ``str()`` is the short reason recorded."""
+
+
+class SSEParser:
+    """Feed raw bytes; call ``now()`` once per read, not per event.
+
+    Collects ``chunk_times`` (arrival of each text-bearing event), the last
+    ``usage`` object, and ``done`` once ``data: [DONE]`` arrives.
+    """
+
+    __slots__ = ("buf", "chunk_times", "usage", "done")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.chunk_times: list[float] = []
+        self.usage: dict | None = None
+        self.done = False
+
+    def feed(self, data: bytes, now: float) -> None:
+        buf = self.buf + data if self.buf else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        events = buf.split(b"\n\n")
+        self.buf = events.pop()  # incomplete tail (b"" when the read ended on a boundary)
+        for event in events:
+            if event:
+                self._event(event, now)
+
+    def _event(self, event: bytes, now: float) -> None:
+        if event.startswith(b"data:"):
+            if b"\n" in event:  # multi-line event: join its data lines
+                payload = b"\n".join(
+                    line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+                )
+            else:
+                payload = event[5:].lstrip(b" ")
+        elif event.startswith(b":"):
+            return  # comment / keep-alive
+        else:
+            lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
+            if not lines:
+                return  # event:, id:, retry: lines only
+            payload = b"\n".join(line[5:].lstrip(b" ") for line in lines)
+        payload = payload.strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        if self.done:
+            raise StreamError("malformed SSE: data after [DONE]")
+        if not (payload.startswith(b"{") and payload.endswith(b"}")):
+            raise StreamError("malformed SSE: " + _short(payload))
+        if _TEXT.search(payload):
+            self.chunk_times.append(now)
+            has_text = True
+        else:
+            has_text = False
+        if _USAGE.search(payload):
+            try:
+                usage = json.loads(payload).get("usage")
+            except ValueError:
+                raise StreamError("malformed SSE: " + _short(payload)) from None
+            if isinstance(usage, dict):
+                self.usage = usage
+        elif not has_text and _ERROR.search(payload):
+            self._maybe_error(payload)
+
+    def _maybe_error(self, payload: bytes) -> None:
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            raise StreamError("malformed SSE: " + _short(payload)) from None
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if err:
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            raise StreamError("error in stream: " + str(msg)[:200])
+
+    def finish(self) -> None:
+        """Call at end of body: raises for whatever the stream still owes."""
+        if self.buf.strip():
+            tail, self.buf = self.buf, b""
+            self._event(tail.strip(), 0.0 if not self.chunk_times else self.chunk_times[-1])
+        if not self.done:
+            raise StreamError("stream ended before [DONE]")
+        if self.usage is None:
+            raise StreamError("no usage")
+
+
+def _short(payload: bytes) -> str:
+    return payload[:80].decode("utf-8", "replace")
