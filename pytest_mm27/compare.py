@@ -1,0 +1,677 @@
+"""Comparing a run with its baseline: direction-aware, tolerance- and noise-aware.
+
+Which statistic, and why
+========================
+
+Each level of a record holds ``trials`` (``--trials N`` repeats the level).
+For every gated metric and level we compare the trials of the run with the
+trials of the baseline on the **log scale**: performance noise is
+multiplicative (a 3 % wobble is 3 % at 500 tok/s and at 50,000 tok/s), and
+the difference of mean logs is the log of the ratio of geometric means, so
+the point estimate *is* the ratio the tolerance speaks about.
+
+Noise is measured from the trials themselves: a **two-sample Student t
+interval on log values, with the trial-to-trial variance pooled over every
+comparable level of the sweep** (both records, same metric). Pooling is the
+important choice. With 3 trials per side a single level has only 4 degrees
+of freedom; its variance estimate is so unsteady that any test built on it
+either raises false alarms or misses real 10 % slowdowns (measured by
+``python -m pytest_mm27.benchmarks.gate_accuracy``: per-level variance gives
+1.3 % false alarms at 96 % detection, or 0.4 % at 69 %). A sweep of L
+levels gives 4·L degrees of freedom, and the relative noise of one server
+at different concurrencies is similar enough (it is the same machine, clock
+and software) for the pooled estimate to stand for each level. Levels that
+cannot be trusted (client-bound, errors, timed out) are left out of the pool.
+
+A metric at a level is **regressed only when both hold**:
+
+1. the point estimate is past the tolerance (ratio < 1 - tol for
+   throughput, > 1 + tol for latency): the change is big enough to matter;
+2. the whole confidence interval of the ratio is on the bad side of 1 (a
+   one-sided test at ``confidence``, default 99 %, so the interval shown is
+   the two-sided 98 % one): the change is outside the noise measured across
+   trials.
+
+"improved" mirrors this on the good side; anything else is "ok". The
+tolerance alone decides when the trials agree perfectly (a seeded
+simulator); the noise alone cannot flag a change smaller than the tolerance.
+
+Why not "the interval's bound lies beyond the tolerance" (confident the
+ratio is worse than 1 - tol)? With 3 trials at 3 % noise that rule catches a
+10 % slowdown only about half the time: it asks for the change to exceed the
+tolerance *plus* the noise band. Why not a bootstrap? With 3 trials a
+resample has 10 distinct values; its interval is too narrow and false alarms
+follow.
+
+With no repeated trials anywhere (``--trials 1`` for both records) there is
+no measured noise: we fall back to ``assumed_noise`` (default 3 % per trial,
+the run-to-run scatter of a warm vLLM server seen in practice) and a normal
+quantile. A single trial per side then needs about a 10 % change before it
+is called a regression; use ``--trials 3`` for a useful gate.
+
+Trials within one session do not see slow drift between sessions (another
+node, a driver update): the tolerance is what absorbs that, which is why it
+is required on top of the noise test.
+
+Error rate is not a ratio: it fails when the run's error rate exceeds the
+baseline's by more than its limit (absolute, default 0: any increase fails).
+A level where either side had failed requests, was client-bound or timed out
+is **invalid** for the performance metrics; it is reported, never silently
+compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+OK = "ok"
+REGRESSED = "regressed"
+IMPROVED = "improved"
+INVALID = "invalid"
+MISSING = "missing"
+# worst first: a level (or record) takes the worst status of its metrics
+STATUS_ORDER = (REGRESSED, INVALID, MISSING, IMPROVED, OK)
+
+DEFAULT_CONFIDENCE = 0.99
+DEFAULT_ASSUMED_NOISE = 0.03
+
+
+def _pct_of(key: str, pct: str) -> Callable[[Mapping[str, Any]], float | None]:
+    def get(trial: Mapping[str, Any]) -> float | None:
+        block = trial.get(key)
+        value = block.get(pct) if isinstance(block, Mapping) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return get
+
+
+def _field(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+    def get(trial: Mapping[str, Any]) -> float | None:
+        value = trial.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return get
+
+
+def _error_rate(trial: Mapping[str, Any]) -> float | None:
+    if isinstance(trial.get("error_rate"), (int, float)):
+        return float(trial["error_rate"])
+    requests = trial.get("requests")
+    if isinstance(requests, int) and requests > 0:
+        return float(trial.get("failed", 0)) / requests
+    return None
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str                # tolerance key: throughput, ttft_p99, ...
+    label: str               # what messages call it: output_tok_s, ttft_p99, ...
+    unit: str
+    higher_is_better: bool
+    default_tolerance: float
+    extract: Callable[[Mapping[str, Any]], float | None]
+    absolute: bool = False   # compared by difference (error rate), not by ratio
+
+    def fmt(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        if self.absolute:
+            return f"{value:.2%}"
+        if self.unit == "tok/s":
+            return f"{value:,.0f}"
+        return f"{value:,.1f} {self.unit}" if value < 100 else f"{value:,.0f} {self.unit}"
+
+
+METRICS: dict[str, MetricSpec] = {m.name: m for m in (
+    MetricSpec("throughput", "output_tok_s", "tok/s", True, 0.05, _field("output_tok_s")),
+    MetricSpec("ttft_p50", "ttft_p50", "ms", False, 0.10, _pct_of("ttft_ms", "p50")),
+    MetricSpec("ttft_p99", "ttft_p99", "ms", False, 0.10, _pct_of("ttft_ms", "p99")),
+    MetricSpec("tpot_p50", "tpot_p50", "ms", False, 0.10, _pct_of("tpot_ms", "p50")),
+    MetricSpec("tpot_p99", "tpot_p99", "ms", False, 0.10, _pct_of("tpot_ms", "p99")),
+    MetricSpec("error_rate", "error_rate", "", False, 0.0, _error_rate, absolute=True),
+)}
+# other spellings accepted by parse_tolerances; "latency" sets all four latency metrics
+ALIASES: dict[str, tuple[str, ...]] = {
+    "output_tok_s": ("throughput",), "tok_s": ("throughput",), "errors": ("error_rate",),
+    "ttft": ("ttft_p50", "ttft_p99"), "tpot": ("tpot_p50", "tpot_p99"),
+    "latency": ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"),
+}
+DEFAULT_TOLERANCES: dict[str, float] = {name: spec.default_tolerance for name, spec in METRICS.items()}
+
+
+def _parse_amount(text: str, name: str) -> float:
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tolerance for {name} must be a percentage like 5% or a fraction "
+                                         f"like 0.05, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"tolerance for {name} must be 0 or more, got {text!r}")
+    if not raw.endswith("%") and value >= 1:
+        raise argparse.ArgumentTypeError(f"tolerance for {name} is {text!r}: write {raw}% for a percentage, "
+                                         f"or a fraction below 1 (0.05 = 5%)")
+    return value
+
+
+def parse_tolerances(text: str) -> dict[str, float]:
+    """``"throughput=5%,ttft_p99=10%"`` -> every metric's tolerance (unnamed ones keep their default).
+
+    Usable as an argparse ``type=``: bad input raises ``argparse.ArgumentTypeError``.
+    Throughput and latency tolerances are relative (5% = a ratio of 0.95 or
+    1.05); ``error_rate`` is absolute (``error_rate=0.5%`` allows the error
+    rate to rise by half a percentage point).
+    """
+    out = dict(DEFAULT_TOLERANCES)
+    known = ", ".join([*METRICS, *ALIASES])
+    for part in text.replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower().replace("-", "_")
+        if not sep or not value.strip():
+            raise argparse.ArgumentTypeError(f"tolerance must be METRIC=VALUE (e.g. throughput=5%), got {part!r}")
+        targets = (name,) if name in METRICS else ALIASES.get(name)
+        if not targets:
+            raise argparse.ArgumentTypeError(f"unknown metric {name!r} in tolerance {part!r}; known: {known}")
+        amount = _parse_amount(value, name)
+        for target in targets:
+            if METRICS[target].higher_is_better and amount >= 1:
+                raise argparse.ArgumentTypeError(f"tolerance for {target} must be below 100%, got {value.strip()!r}")
+            out[target] = amount
+    return out
+
+
+# ---- small statistics, stdlib only ---------------------------------------------------------
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (Numerical Recipes, modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-14:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student's t distribution function."""
+    x = df / (df + t * t)
+    tail = 0.5 * _betainc(df / 2.0, 0.5, x)
+    return 1.0 - tail if t > 0 else tail
+
+
+@lru_cache(maxsize=512)
+def t_ppf(p: float, df: float) -> float:
+    """Quantile of Student's t (bisection on ``t_cdf``; 1e-10 is plenty for a gate)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"probability {p} outside (0, 1)")
+    if p < 0.5:
+        return -t_ppf(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-10:
+            break
+    return (lo + hi) / 2.0
+
+
+# ---- the comparison ------------------------------------------------------------------------
+
+@dataclass
+class MetricComparison:
+    metric: str                       # label, e.g. output_tok_s
+    concurrency: int
+    status: str
+    message: str
+    baseline: float | None = None     # geometric mean of the baseline's trials (arithmetic for error rate)
+    now: float | None = None
+    change: float | None = None       # now / baseline - 1 (difference for error rate)
+    tolerance: float | None = None
+    noise: float | None = None        # half-width of the interval, relative (0.012 = ±1.2 %)
+    ci: tuple[float, float] | None = None   # interval of the ratio now / baseline
+    confidence: float | None = None   # two-sided level of ``ci``
+    n_baseline: int = 0
+    n_now: int = 0
+    higher_is_better: bool = True
+    name: str = ""                    # tolerance key, e.g. throughput
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["ci"] = list(self.ci) if self.ci else None
+        return data
+
+
+@dataclass
+class LevelComparison:
+    concurrency: int
+    metrics: list[MetricComparison]
+    note: str = ""                    # why the level is invalid or missing
+
+    @property
+    def status(self) -> str:
+        return worst(m.status for m in self.metrics) if self.metrics else MISSING
+
+    def get(self, name: str) -> MetricComparison | None:
+        spec = METRICS.get(name)
+        for m in self.metrics:
+            if m.name == name or m.metric == name or (spec and m.metric == spec.label):
+                return m
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concurrency": self.concurrency, "status": self.status, "note": self.note,
+                "metrics": [m.to_dict() for m in self.metrics]}
+
+
+@dataclass
+class RecordComparison:
+    topology: str
+    workload: str
+    profile: str
+    baseline_path: str | None
+    levels: list[LevelComparison]
+    tolerances: dict[str, float]
+    confidence: float
+    noise_source: str                 # how the noise was measured, for the report
+    baseline_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return worst(lv.status for lv in self.levels) if self.levels else MISSING
+
+    def with_status(self, *statuses: str) -> list[MetricComparison]:
+        return [m for lv in self.levels for m in lv.metrics if m.status in statuses]
+
+    @property
+    def regressions(self) -> list[MetricComparison]:
+        return self.with_status(REGRESSED)
+
+    @property
+    def regressed(self) -> bool:
+        return bool(self.regressions)
+
+    def level(self, concurrency: int) -> LevelComparison | None:
+        return next((lv for lv in self.levels if lv.concurrency == concurrency), None)
+
+    def summary(self) -> str:
+        counts = {s: len(self.with_status(s)) for s in STATUS_ORDER}
+        parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        return (f"{self.topology} vs baseline {self.baseline_path or '-'}: {self.status}"
+                + (f" ({parts})" if parts else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"topology": self.topology, "workload": self.workload, "profile": self.profile,
+                "baseline_path": self.baseline_path, "status": self.status, "tolerances": self.tolerances,
+                "confidence": self.confidence, "noise_source": self.noise_source,
+                "baseline_info": self.baseline_info, "levels": [lv.to_dict() for lv in self.levels]}
+
+
+def worst(statuses: Iterable[str]) -> str:
+    ranked = [STATUS_ORDER.index(s) for s in statuses]
+    return STATUS_ORDER[min(ranked)] if ranked else OK
+
+
+def level_trials(level: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """The trials of a level; older records with only ``metrics`` count it as one trial."""
+    if not level:
+        return []
+    trials = [t for t in level.get("trials") or [] if isinstance(t, Mapping)]
+    if not trials and isinstance(level.get("metrics"), Mapping):
+        trials = [level["metrics"]]
+    return trials
+
+
+def invalid_reason(level: Mapping[str, Any] | None, max_error_rate: float = 0.0) -> str | None:
+    """Why a level's performance numbers cannot be compared, or None when they can."""
+    trials = level_trials(level)
+    if not trials:
+        problems = ((level or {}).get("verdict") or {}).get("problems") or []
+        return "not measured" + (f" ({problems[0].splitlines()[0]})" if problems else "")
+    for i, t in enumerate(trials):
+        tag = f" (trial {i + 1} of {len(trials)})" if len(trials) > 1 else ""
+        if t.get("client_bound"):
+            return f"client-bound{tag}: {t.get('client_bound_reason') or 'the client was the limit'}"
+        rate = _error_rate(t) or 0.0
+        if rate > max_error_rate or (max_error_rate == 0 and int(t.get("failed") or 0) > 0):
+            return f"had errors{tag}: {t.get('failed', '?')} of {t.get('requests', '?')} requests failed"
+        if t.get("timed_out"):
+            return f"timed out{tag}: the level timeout cut the window short"
+        if int(t.get("ok", 1) or 0) == 0:
+            return f"no request succeeded{tag}"
+    return None
+
+
+@dataclass
+class _Sample:
+    logs_base: list[float]
+    logs_now: list[float]
+
+    @property
+    def ss_df(self) -> tuple[float, int]:
+        ss, df = 0.0, 0
+        for xs in (self.logs_base, self.logs_now):
+            if len(xs) > 1:
+                m = math.fsum(xs) / len(xs)
+                ss += math.fsum((x - m) ** 2 for x in xs)
+                df += len(xs) - 1
+        return ss, df
+
+
+def _logs(values: Sequence[float | None]) -> list[float] | None:
+    if not values or any(v is None or v <= 0 or not math.isfinite(v) for v in values):
+        return None
+    return [math.log(v) for v in values]  # type: ignore[arg-type]
+
+
+def _geomean(values: Sequence[float | None]) -> float | None:
+    logs = _logs(values)
+    return math.exp(math.fsum(logs) / len(logs)) if logs else None
+
+
+def _fmt_band(noise: float, ci: tuple[float, float], confidence: float) -> str:
+    return f"noise band ±{noise:.1%} ({confidence:.0%} CI of ratio [{ci[0]:.3f}, {ci[1]:.3f}])"
+
+
+def compare_records(
+    baseline: Mapping[str, Any],
+    record: Mapping[str, Any],
+    tolerances: Mapping[str, float] | None = None,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    assumed_noise: float = DEFAULT_ASSUMED_NOISE,
+    max_error_rate: float = 0.0,
+    baseline_path: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+    pool_levels: bool = True,
+) -> RecordComparison:
+    """Compare every level and gated metric of ``record`` with ``baseline``.
+
+    ``tolerances`` as returned by ``parse_tolerances`` (missing keys take the
+    defaults). ``confidence`` is the one-sided level of the noise test.
+    ``max_error_rate``: a level whose error rate is above it is invalid for
+    the performance metrics (0: any failed request makes it invalid).
+    ``pool_levels=False`` estimates the noise of each level from its own
+    trials only (kept to measure the alternative; see the module docstring).
+    The caller checks that the two records match (``baseline.check_match``).
+    """
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0.5 and 1, got {confidence}")
+    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    specs = [METRICS[name] for name in (metrics or METRICS)]
+    base_levels = {lv["concurrency"]: lv for lv in baseline.get("levels") or []}
+    now_levels = {lv["concurrency"]: lv for lv in record.get("levels") or []}
+    concurrencies = sorted(set(base_levels) | set(now_levels))
+
+    reasons: dict[int, str | None] = {}
+    for c in concurrencies:
+        if c not in base_levels:
+            reasons[c] = "no baseline for this level"
+        elif c not in now_levels:
+            reasons[c] = "in the baseline but not measured in this run"
+        else:
+            bad_base = invalid_reason(base_levels[c], max_error_rate)
+            bad_now = invalid_reason(now_levels[c], max_error_rate)
+            reasons[c] = (f"this run: {bad_now}" if bad_now else None) or (f"baseline: {bad_base}" if bad_base else None)
+
+    # Pool the trial-to-trial variance of each ratio metric over the comparable levels.
+    samples: dict[tuple[str, int], _Sample] = {}
+    pooled: dict[str, tuple[float, int]] = {}
+    for spec in specs:
+        if spec.absolute:
+            continue
+        ss_sum, df_sum = 0.0, 0
+        for c in concurrencies:
+            if reasons[c] is not None:
+                continue
+            lb = _logs([spec.extract(t) for t in level_trials(base_levels[c])])
+            ln = _logs([spec.extract(t) for t in level_trials(now_levels[c])])
+            if lb is None or ln is None:
+                continue
+            sample = _Sample(lb, ln)
+            samples[(spec.name, c)] = sample
+            ss, df = sample.ss_df
+            ss_sum += ss
+            df_sum += df
+        pooled[spec.name] = (math.sqrt(ss_sum / df_sum) if df_sum else 0.0, df_sum)
+
+    two_sided = 2 * confidence - 1
+    levels: list[LevelComparison] = []
+    for c in concurrencies:
+        results: list[MetricComparison] = []
+        reason = reasons[c]
+        for spec in specs:
+            t = tol[spec.name]
+            common = dict(concurrency=c, tolerance=t, higher_is_better=spec.higher_is_better, name=spec.name)
+            if c not in base_levels or c not in now_levels:
+                results.append(MetricComparison(spec.label, status=MISSING, message=(
+                    f"{spec.label} missing at c={c}: {reason}"), **common))
+                continue
+            b_trials, n_trials = level_trials(base_levels[c]), level_trials(now_levels[c])
+            if spec.absolute:
+                results.append(_compare_absolute(spec, c, b_trials, n_trials, t, base_levels[c], now_levels[c]))
+                continue
+            if reason is not None:
+                # shown for context, never judged
+                bv, nv = _geomean([spec.extract(t) for t in b_trials]), _geomean([spec.extract(t) for t in n_trials])
+                change = nv / bv - 1 if bv and nv else None
+                results.append(MetricComparison(spec.label, status=INVALID, message=(
+                    f"{spec.label} not compared at c={c}: {reason}"), baseline=bv, now=nv, change=change,
+                    n_baseline=len(b_trials), n_now=len(n_trials), **common))
+                continue
+            sample = samples.get((spec.name, c))
+            if sample is None:
+                results.append(MetricComparison(spec.label, status=MISSING, message=(
+                    f"{spec.label} missing at c={c}: no positive value in the baseline or this run"), **common))
+                continue
+            sigma, df = pooled[spec.name]
+            if not pool_levels:
+                ss, df = sample.ss_df
+                sigma = math.sqrt(ss / df) if df else 0.0
+            results.append(_compare_ratio(spec, c, sample, t, sigma, df, confidence, assumed_noise))
+        levels.append(LevelComparison(c, results, note=reason or ""))
+
+    sources = []
+    for spec in specs:
+        if spec.name in pooled:
+            sigma, df = pooled[spec.name]
+            sources.append(f"{spec.label} ±{math.expm1(sigma):.1%}/trial ({df} df)" if df
+                           else f"{spec.label} assumed ±{assumed_noise:.0%}/trial (single trials)")
+    key_b, key_n = _key(baseline), _key(record)
+    engine = baseline.get("engine") or {}
+    return RecordComparison(
+        topology=key_n[1] or key_b[1], workload=key_n[2] or key_b[2], profile=key_n[0] or key_b[0],
+        baseline_path=str(baseline_path) if baseline_path else None, levels=levels, tolerances=tol,
+        confidence=two_sided,
+        noise_source="trial-to-trial noise pooled over levels: " + "; ".join(sources),
+        baseline_info={"created_at": baseline.get("created_at"), "git_commit": baseline.get("git_commit"),
+                       "engine": engine.get("name"), "engine_version": engine.get("version"),
+                       "saved_at": (baseline.get("baseline") or {}).get("saved_at")},
+    )
+
+
+def _key(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    return ((record.get("hardware") or {}).get("profile") or "", (record.get("topology") or {}).get("name") or "",
+            (record.get("workload") or {}).get("name") or "")
+
+
+def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma: float, df: int,
+                   confidence: float, assumed_noise: float) -> MetricComparison:
+    nb, nn = len(sample.logs_base), len(sample.logs_now)
+    mb = math.fsum(sample.logs_base) / nb
+    mn = math.fsum(sample.logs_now) / nn
+    d = mn - mb
+    if df > 0:
+        q = t_ppf(confidence, df)
+    else:
+        sigma = math.log1p(assumed_noise)
+        q = statistics.NormalDist().inv_cdf(confidence)
+    half = q * sigma * math.sqrt(1 / nb + 1 / nn)
+    ratio = math.exp(d)
+    lo, hi = math.exp(d - half), math.exp(d + half)
+    noise = math.expm1(half)
+    if spec.higher_is_better:
+        worse, better = ratio < 1 - tol and hi < 1, ratio > 1 + tol and lo > 1
+    else:
+        worse, better = ratio > 1 + tol and lo > 1, ratio < 1 - tol and hi < 1
+    status = REGRESSED if worse else IMPROVED if better else OK
+    base_v, now_v = math.exp(mb), math.exp(mn)
+    two_sided = 2 * confidence - 1
+    trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
+    message = (f"{spec.label} {status} at c={c}: baseline {spec.fmt(base_v)}, now {spec.fmt(now_v)} "
+               f"({ratio - 1:+.1%}), tolerance {tol:.0%}, {_fmt_band(noise, (lo, hi), two_sided)}; {trials}")
+    if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
+        message += "; past tolerance but within the noise"
+    return MetricComparison(spec.label, c, status, message, base_v, now_v, ratio - 1, tol, noise, (lo, hi),
+                            two_sided, nb, nn, spec.higher_is_better, spec.name)
+
+
+def _compare_absolute(spec: MetricSpec, c: int, b_trials: Sequence[Mapping[str, Any]],
+                      n_trials: Sequence[Mapping[str, Any]], limit: float,
+                      b_level: Mapping[str, Any], n_level: Mapping[str, Any]) -> MetricComparison:
+    common = dict(tolerance=limit, higher_is_better=False, name=spec.name, n_baseline=len(b_trials),
+                  n_now=len(n_trials))
+    if not n_trials:
+        # a level that could not be measured at all is worse than any error rate
+        why = invalid_reason(n_level) or "not measured"
+        return MetricComparison(spec.label, c, INVALID, f"{spec.label} not compared at c={c}: this run: {why}",
+                                **common)
+    if not b_trials:
+        why = invalid_reason(b_level) or "not measured"
+        return MetricComparison(spec.label, c, INVALID, f"{spec.label} not compared at c={c}: baseline: {why}",
+                                **common)
+    b_vals = [spec.extract(t) for t in b_trials]
+    n_vals = [spec.extract(t) for t in n_trials]
+    if any(v is None for v in b_vals + n_vals):
+        return MetricComparison(spec.label, c, MISSING, f"{spec.label} missing at c={c}: no request counts",
+                                **common)
+    # pooled over trials: failed / requests of the level as a whole
+    base_v = _pooled_rate(b_trials, b_vals)   # type: ignore[arg-type]
+    now_v = _pooled_rate(n_trials, n_vals)    # type: ignore[arg-type]
+    diff = now_v - base_v
+    status = REGRESSED if diff > limit else IMPROVED if diff < -max(limit, 0.0) and diff < 0 else OK
+    failed = sum(int(t.get("failed") or 0) for t in n_trials)
+    requests = sum(int(t.get("requests") or 0) for t in n_trials)
+    message = (f"{spec.label} {status} at c={c}: baseline {base_v:.2%}, now {now_v:.2%} "
+               f"({diff * 100:+.2f} points; {failed} of {requests} requests failed), "
+               f"limit +{limit * 100:.2f} points")
+    return MetricComparison(spec.label, c, status, message, base_v, now_v, diff, limit, None, None, None,
+                            len(b_trials), len(n_trials), False, spec.name)
+
+
+def _pooled_rate(trials: Sequence[Mapping[str, Any]], rates: Sequence[float]) -> float:
+    requests = [t.get("requests") for t in trials]
+    if all(isinstance(r, int) and r > 0 for r in requests):
+        failed = sum(int(t.get("failed") or 0) for t in trials)
+        return failed / sum(requests)  # type: ignore[arg-type]
+    return math.fsum(rates) / len(rates)
+
+
+# ---- terminal lines --------------------------------------------------------------------------
+
+def _delta(m: MetricComparison | None) -> str:
+    if m is None or m.change is None:
+        return "-" if m is None or m.status != INVALID else "invalid"
+    mark = {REGRESSED: " !", IMPROVED: " +", INVALID: " ?"}.get(m.status, "")
+    if m.name == "error_rate":
+        return f"{m.change * 100:+.2f}pt{mark}"
+    return f"{m.change:+.1%}{mark}"
+
+
+def _val(m: MetricComparison | None, which: str) -> str:
+    if m is None:
+        return "-"
+    spec = METRICS[m.name]
+    return spec.fmt(getattr(m, which))
+
+
+COMPARISON_COLUMNS = ("conc", "output tok/s", "baseline", "Δ", "TTFT p99", "baseline", "Δ",
+                      "TPOT p50", "baseline", "Δ", "errors Δ", "noise", "status")
+
+
+def comparison_rows(comparison: RecordComparison) -> list[tuple[str, ...]]:
+    rows = []
+    for lv in comparison.levels:
+        tp, ttft, tpot, err = (lv.get(n) for n in ("throughput", "ttft_p99", "tpot_p50", "error_rate"))
+        noise = f"±{tp.noise:.1%}" if tp is not None and tp.noise is not None else "-"
+        rows.append((str(lv.concurrency), _val(tp, "now"), _val(tp, "baseline"), _delta(tp),
+                     _val(ttft, "now"), _val(ttft, "baseline"), _delta(ttft),
+                     _val(tpot, "now"), _val(tpot, "baseline"), _delta(tpot),
+                     _delta(err), noise, lv.status))
+    return rows
+
+
+def comparison_lines(comparison: RecordComparison, *, verbose: bool = False) -> list[str]:
+    """Lines for the terminal: a table per topology with baseline columns and deltas, then messages.
+
+    Regressions, improvements and invalid levels always get their one-line
+    message; ``verbose`` adds every metric's.
+    """
+    from .report import render_table  # local: report is the terminal module, keep imports one-way
+
+    info = comparison.baseline_info
+    engine = f"{info.get('engine') or '?'} {info.get('engine_version') or ''}".rstrip()
+    lines = [f"{comparison.topology} vs baseline {comparison.baseline_path or '-'} "
+             f"(engine {engine}, saved {info.get('saved_at') or info.get('created_at') or '?'}): "
+             f"{comparison.status.upper() if comparison.status == REGRESSED else comparison.status}"]
+    lines += ["  " + ln for ln in render_table(COMPARISON_COLUMNS, comparison_rows(comparison))]
+    lines.append(f"  (Δ: change vs baseline; ! regressed, + improved, ? not compared (invalid); tolerances "
+                 + ", ".join(f"{k} {v:.0%}" if k != "error_rate" else f"{k} +{v * 100:.2f}pt"
+                             for k, v in comparison.tolerances.items())
+                 + f"; {comparison.confidence:.0%} intervals)")
+    lines.append(f"  {comparison.noise_source}")
+    for lv in comparison.levels:
+        for m in lv.metrics:
+            if verbose or m.status in (REGRESSED, IMPROVED):
+                lines.append(f"  {m.message}")
+        if lv.note:
+            lines.append(f"  c={lv.concurrency} {lv.status}: {lv.note}")
+    return lines
+
+
+__all__ = [
+    "ALIASES", "DEFAULT_ASSUMED_NOISE", "DEFAULT_CONFIDENCE", "DEFAULT_TOLERANCES", "IMPROVED", "INVALID",
+    "LevelComparison", "METRICS", "MISSING", "MetricComparison", "MetricSpec", "OK", "REGRESSED",
+    "RecordComparison", "comparison_lines", "comparison_rows", "compare_records", "invalid_reason",
+    "level_trials", "parse_tolerances", "t_cdf", "t_ppf", "worst",
+]
