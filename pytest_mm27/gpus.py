@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,9 @@ class GpuInfo:
     memory_total_mb: int
     memory_used_mb: int
     driver: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _visible_filter(gpus: list[GpuInfo]) -> list[GpuInfo]:

@@ -54,7 +54,9 @@ KILL_WAIT_S = 5.0
 
 # Shared-memory and temp files vLLM, torch, NCCL and OpenMP create; only new
 # ones owned by us and no longer open or mapped by any process are removed.
-SHM_NAME_RE = re.compile(r"^(psm_|torch_|vllm|nccl|sem\.mp-|sem\.vllm|wnsm_|__KMP_REGISTERED_LIB|mp-)", re.I)
+# Not sem.*: a named semaphore is mapped under a temporary name before it is
+# linked, so "not mapped" cannot be proven, and its creator unlinks it anyway.
+SHM_NAME_RE = re.compile(r"^(psm_|torch_|vllm|nccl|__KMP_REGISTERED_LIB)", re.I)
 TMP_GLOBS = ("vllm_dist_*",)
 SHM_DIR = Path("/dev/shm")
 ADDR_IN_USE_RE = re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)

@@ -33,7 +33,7 @@ p.add_argument("--delay", type=float, default=0.0)
 p.add_argument("--spawn", type=int, default=0, help="grandchildren to start (like EngineCore)")
 p.add_argument("--spawn-setsid", action="store_true", help="grandchildren leave our group")
 p.add_argument("--ignore-term", action="store_true")
-p.add_argument("--die-after", type=float, default=0.0)
+p.add_argument("--die-when", help="exit(7) once this file exists")
 p.add_argument("--marker")
 a = p.parse_args()
 
@@ -80,9 +80,15 @@ class H(BaseHTTPRequestHandler):
         self._send(404, {})
 
 srv = ThreadingHTTPServer((a.host, a.port), H)
-if a.die_after:
+print("listening", flush=True)
+if a.die_when:
     import threading
-    threading.Timer(a.die_after, lambda: os._exit(7)).start()
+    def watch():
+        while not os.path.exists(a.die_when):
+            time.sleep(0.05)
+        print("dying on request", flush=True)
+        os._exit(7)
+    threading.Thread(target=watch, daemon=True).start()
 srv.serve_forever()
 '''
 
@@ -173,6 +179,8 @@ def test_healthy_boot_of_two_servers_then_stop_leaves_nothing(topology, standin,
     with Launcher(plan, tmp_path / "logs") as launcher:
         assert len(launcher.endpoints) == 2
         assert all(":0" not in url for url in launcher.endpoints)   # picked ports are filled in
+        assert len(set(launcher.endpoints)) == 2
+        assert launcher.endpoints == tuple(s.base_url for s in launcher.plan.servers)
         for url in launcher.endpoints:
             assert get_json(url + "/v1/models", "sk-secret-123")["data"][0]["id"] == "standin"
         pids = list(launcher.pids.values())
@@ -205,15 +213,26 @@ def test_crash_at_start_fails_fast_with_log_tail(topology, standin, tmp_path):
     assert elapsed < 60                  # far below the 120 s timeout, even on a loaded box
 
 
+def wait_for_log(launcher: Launcher, name: str, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in launcher.log_paths[name].read_text():
+        assert time.monotonic() < deadline, f"{name} never logged {text!r}"
+        time.sleep(0.05)
+
+
 def test_never_healthy_hits_startup_timeout(topology, standin, tmp_path):
     plan = make_plan(topology, standin, [], ["--mode", "never-healthy"], timeout=3)
     launcher = Launcher(plan, tmp_path / "logs")
+    launcher.start()
+    for name in ("standin-r0", "standin-r1"):   # the clock starts once both listen, however loaded the box
+        wait_for_log(launcher, name, "listening")
     with pytest.raises(LaunchError) as info:
-        launcher.launch()
+        launcher.wait_healthy()
     msg = str(info.value)
     assert "1 of 2 server(s) not healthy after the 3 s start-up timeout" in msg
     assert "standin-r1 (GET /health: HTTP 503)" in msg
     assert "standin never-healthy" in msg       # its log tail
+    assert "standin-r0 (" not in msg
     assert launcher.teardown is not None and launcher.teardown.clean
 
 
@@ -252,16 +271,19 @@ def test_sigterm_ignoring_child_is_sigkilled(topology, standin, tmp_path):
 
 
 def test_check_alive_detects_death(topology, standin, tmp_path):
-    plan = make_plan(topology, standin, [], ["--die-after", "1"])
+    trigger = tmp_path / "die"
+    plan = make_plan(topology, standin, [], ["--die-when", str(trigger)])
     with Launcher(plan, tmp_path / "logs") as launcher:
+        launcher.check_alive()
+        trigger.touch()
         deadline = time.monotonic() + 30
         with pytest.raises(LaunchError) as info:
             while time.monotonic() < deadline:
                 launcher.check_alive()
-                time.sleep(0.1)
+                time.sleep(0.05)
         msg = str(info.value)
         assert "standin-r1 exited while serving (exit code 7" in msg
-        assert "standin healthy" in msg
+        assert "dying on request" in msg
     assert launcher.teardown is not None and launcher.teardown.clean
 
 

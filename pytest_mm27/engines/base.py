@@ -133,8 +133,17 @@ class LaunchPlan:
         old = self.servers[index]
         servers = list(self.servers)
         servers[index] = server
-        endpoints = tuple(server.base_url if url == old.base_url else url for url in self.endpoints)
-        return replace(self, servers=tuple(servers), endpoints=endpoints)
+        endpoints = list(self.endpoints)
+        # Endpoints are one per server, in order; with several servers on port 0
+        # (not yet picked) their URLs are equal, so match by position first.
+        if index < len(endpoints) and endpoints[index] == old.base_url:
+            endpoints[index] = server.base_url
+        elif old.base_url in endpoints:
+            endpoints[endpoints.index(old.base_url)] = server.base_url
+        return replace(self, servers=tuple(servers), endpoints=tuple(endpoints))
+
+    def with_startup_timeout(self, seconds: float) -> LaunchPlan:
+        return replace(self, startup_timeout_s=float(seconds))
 
     def to_dict(self) -> dict[str, Any]:
         """Redacted; for the run record."""
