@@ -95,7 +95,7 @@ def check_name(name: str) -> str:
     """Validate a user-given baseline name (``--save-baseline NAME``); a trailing .json is dropped."""
     stem = name[:-5] if name.endswith(".json") else name
     if not _NAME_RE.match(stem):
-        raise ConfigError(f"baseline name {name!r} must be letters, digits, '.', '_', '+' or '-' "
+        raise BaselineError(f"baseline name {name!r} must be letters, digits, '.', '_', '+' or '-' "
                           "(no path separators)", field="--save-baseline")
     return stem
 

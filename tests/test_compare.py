@@ -1,0 +1,260 @@
+"""Comparison: directions, tolerances, noise-aware decisions, invalid and missing levels."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from pytest_mm27.benchmarks.synthetic import make_record
+from pytest_mm27.compare import (
+    DEFAULT_TOLERANCES, IMPROVED, INVALID, MISSING, OK, REGRESSED, compare_records, comparison_lines,
+    parse_tolerances, t_ppf,
+)
+
+
+# ---- tolerances ----------------------------------------------------------------------------
+
+def test_parse_tolerances_overrides_named_keeps_defaults() -> None:
+    tol = parse_tolerances("throughput=5%,ttft_p99=10%")
+    assert tol["throughput"] == pytest.approx(0.05)
+    assert tol["ttft_p99"] == pytest.approx(0.10)
+    assert tol["tpot_p50"] == DEFAULT_TOLERANCES["tpot_p50"]
+    assert set(tol) == set(DEFAULT_TOLERANCES)
+
+
+def test_parse_tolerances_fractions_aliases_and_spacing() -> None:
+    tol = parse_tolerances(" throughput = 0.03 , latency=15%, error-rate=0.5% ")
+    assert tol["throughput"] == pytest.approx(0.03)
+    assert all(tol[k] == pytest.approx(0.15) for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"))
+    assert tol["error_rate"] == pytest.approx(0.005)
+    assert parse_tolerances("output_tok_s=7%")["throughput"] == pytest.approx(0.07)
+    assert parse_tolerances("") == DEFAULT_TOLERANCES
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("thruput=5%", "unknown metric 'thruput'.*known: throughput"),
+    ("throughput=five", "must be a percentage like 5% or a fraction"),
+    ("throughput=5", "write 5% for a percentage"),
+    ("throughput", "must be METRIC=VALUE"),
+    ("throughput=-1%", "must be 0 or more"),
+    ("throughput=120%", "must be below 100%"),
+    ("ttft_p99=", "must be METRIC=VALUE"),
+])
+def test_parse_tolerances_errors(text: str, match: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=match):
+        parse_tolerances(text)
+
+
+def test_parse_tolerances_as_argparse_type() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--regression-tolerance", type=parse_tolerances)
+    assert ap.parse_args(["--regression-tolerance", "throughput=2%"]).regression_tolerance["throughput"] == 0.02
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--regression-tolerance", "bogus=1%"])
+
+
+def test_t_quantiles_match_tables() -> None:
+    # two-sided 95 % and one-sided 99 % critical values from any t table
+    assert t_ppf(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert t_ppf(0.99, 4) == pytest.approx(3.747, abs=1e-3)
+    assert t_ppf(0.99, 24) == pytest.approx(2.492, abs=1e-3)
+    assert t_ppf(0.995, 1) == pytest.approx(63.657, abs=1e-2)
+    assert t_ppf(0.01, 10) == pytest.approx(-2.764, abs=1e-3)
+
+
+# ---- deterministic records: the tolerance decides ------------------------------------------
+
+def exact(slowdown=1.0, **kw):
+    """Trials without noise: every trial of a level identical."""
+    return make_record(noise=0.0, slowdown=slowdown, **kw)
+
+
+def test_identical_runs_are_ok() -> None:
+    result = compare_records(exact(), exact())
+    assert result.status == OK and not result.regressed
+    assert {m.status for lv in result.levels for m in lv.metrics} == {OK}
+
+
+def test_directions_throughput_down_latency_up_is_regression() -> None:
+    result = compare_records(exact(), exact(slowdown=1.2))
+    lv = result.level(64)
+    assert lv.get("throughput").status == REGRESSED and lv.get("throughput").change < 0
+    assert lv.get("ttft_p99").status == REGRESSED and lv.get("ttft_p99").change > 0
+    assert lv.get("tpot_p50").status == REGRESSED
+    assert lv.get("error_rate").status == OK
+
+
+def test_directions_faster_is_improvement() -> None:
+    result = compare_records(exact(), exact(slowdown=1 / 1.2))
+    assert result.status == IMPROVED
+    lv = result.level(64)
+    assert lv.get("throughput").status == IMPROVED and lv.get("ttft_p99").status == IMPROVED
+
+
+def test_change_within_tolerance_is_ok_even_without_noise() -> None:
+    result = compare_records(exact(), exact(slowdown=1.04))   # tok/s -3.8 %, latency +4 %
+    assert result.status == OK
+    tp = result.level(8).get("throughput")
+    assert tp.change == pytest.approx(1 / 1.04 - 1) and tp.noise == 0.0
+
+
+def test_tolerance_is_per_metric() -> None:
+    tol = parse_tolerances("throughput=20%,latency=2%")
+    lv = compare_records(exact(), exact(slowdown=1.05), tol).level(32)
+    assert lv.get("throughput").status == OK
+    assert lv.get("ttft_p99").status == REGRESSED
+
+
+def test_message_format() -> None:
+    result = compare_records(exact(), exact(slowdown=1.12, seed=3), baseline_path="b.json")
+    m = result.level(256).get("throughput")
+    assert m.message.startswith("output_tok_s regressed at c=256: baseline 9,722, now 8,680 (-10.7%), "
+                                "tolerance 5%, noise band ±0.0% (98% CI of ratio [0.893, 0.893])")
+    assert m.baseline == pytest.approx(12_000 * 256 / 316)
+    d = m.to_dict()
+    assert d["status"] == REGRESSED and d["ci"] == [pytest.approx(1 / 1.12)] * 2
+
+
+# ---- noisy trials: the noise decides -------------------------------------------------------
+
+def test_clear_regression_flagged_through_noise() -> None:
+    base = make_record(noise=0.03, seed=10)
+    now = make_record(noise=0.03, seed=11, slowdown=1.25)
+    result = compare_records(base, now)
+    flagged = [lv.concurrency for lv in result.levels if lv.get("throughput").status == REGRESSED]
+    assert flagged == [lv.concurrency for lv in result.levels]
+    m = result.level(64).get("throughput")
+    assert 0 < m.noise < 0.1 and m.ci[1] < 1
+    assert "noise band ±" in m.message and "98% CI of ratio" in m.message
+
+
+def test_noise_alone_is_not_flagged() -> None:
+    # 20 unchanged pairs x 6 levels x 5 metrics with 3% noise: nothing regressed
+    statuses = []
+    for seed in range(20):
+        result = compare_records(make_record(noise=0.03, seed=2 * seed), make_record(noise=0.03, seed=2 * seed + 1))
+        statuses += [m.status for lv in result.levels for m in lv.metrics]
+    assert statuses.count(REGRESSED) <= 2   # expected ~1 % of 600 throughput+latency comparisons, mostly 0
+    assert statuses.count(OK) >= len(statuses) - 4
+
+
+def test_past_tolerance_but_within_noise_is_ok() -> None:
+    """Large noise: a 7 % drop is past the 5 % tolerance but not outside the noise."""
+    base = make_record(noise=0.15, seed=4)
+    now = make_record(noise=0.15, seed=5, slowdown=1 / 0.93)
+    result = compare_records(base, now)
+    tps = [lv.get("throughput") for lv in result.levels]
+    assert all(m.status != REGRESSED for m in tps)
+    noted = [m for m in tps if "past tolerance but within the noise" in m.message]
+    assert noted and all(m.noise > 0.15 for m in noted)
+
+
+def test_noise_is_pooled_over_levels() -> None:
+    base = make_record(noise=0.03, seed=6)
+    now = make_record(noise=0.03, seed=7)
+    pooled = compare_records(base, now)
+    own = compare_records(base, now, pool_levels=False)
+    bands = {lv.get("throughput").noise for lv in pooled.levels}
+    assert len(bands) == 1                      # same pooled sigma and trial counts everywhere
+    assert len({lv.get("throughput").noise for lv in own.levels}) == len(own.levels)
+    assert "(12 df)" in pooled.noise_source or "(24 df)" in pooled.noise_source
+
+
+def test_single_trials_fall_back_to_assumed_noise() -> None:
+    base, now = make_record(trials=1, noise=0.0, seed=1), make_record(trials=1, noise=0.0, seed=2, slowdown=1.08)
+    result = compare_records(base, now, assumed_noise=0.03)
+    m = result.level(8).get("throughput")
+    # 1 vs 1 trial at 3 %: z(0.99) * log(1.03) * sqrt(2) = 9.7 % band; a 7.4 % drop is within it
+    assert m.noise == pytest.approx(math.expm1(2.3263 * math.log(1.03) * math.sqrt(2)), rel=1e-3)
+    assert m.status == OK and "noise assumed ±3%/trial" in m.message
+    assert "assumed ±3%/trial (single trials)" in result.noise_source
+    big = compare_records(base, make_record(trials=1, noise=0.0, seed=2, slowdown=1.2)).level(8).get("throughput")
+    assert big.status == REGRESSED
+
+
+def test_uneven_trial_counts() -> None:
+    base = make_record(trials=5, noise=0.02, seed=1)
+    now = make_record(trials=1, noise=0.02, seed=2, slowdown=1.3)
+    m = compare_records(base, now).level(32).get("throughput")
+    assert (m.n_baseline, m.n_now) == (5, 1) and m.status == REGRESSED
+
+
+# ---- invalid and missing levels ------------------------------------------------------------
+
+def test_client_bound_level_is_invalid_not_compared() -> None:
+    now = exact(slowdown=1.5, client_bound=[128])
+    result = compare_records(exact(), now)
+    lv = result.level(128)
+    assert lv.status == INVALID and "client-bound" in lv.note and "this run" in lv.note
+    assert lv.get("throughput").status == INVALID
+    assert lv.get("throughput").now is not None            # shown for context
+    assert result.level(64).get("throughput").status == REGRESSED
+
+
+def test_client_bound_baseline_level_is_invalid() -> None:
+    result = compare_records(exact(client_bound=[1]), exact())
+    assert result.level(1).status == INVALID and result.level(1).note.startswith("baseline: client-bound")
+
+
+def test_level_with_errors_is_invalid_and_error_rate_regresses() -> None:
+    result = compare_records(exact(), exact(failed={32: 5}))
+    lv = result.level(32)
+    assert lv.get("throughput").status == INVALID and "had errors" in lv.note
+    err = lv.get("error_rate")
+    assert err.status == REGRESSED and err.change == pytest.approx(5 / 500)
+    assert "error_rate regressed at c=32: baseline 0.00%, now 1.00%" in err.message
+    assert lv.status == REGRESSED and result.regressed
+
+
+def test_error_rate_limit() -> None:
+    tol = parse_tolerances("error_rate=2%")
+    result = compare_records(exact(), exact(failed={32: 5}), tol, max_error_rate=0.05)
+    lv = result.level(32)
+    assert lv.get("error_rate").status == OK
+    assert lv.get("throughput").status == OK   # 1 % errors tolerated by max_error_rate 5 %
+
+
+def test_unmeasured_level_is_invalid() -> None:
+    now = exact()
+    now["levels"][2].update(metrics=None, trials=[],
+                            verdict={"status": "error", "problems": ["dp3 c=32: server died"], "notes": []})
+    lv = compare_records(exact(), now).level(32)
+    assert lv.status == INVALID and "not measured (dp3 c=32: server died)" in lv.note
+
+
+def test_missing_levels_both_ways() -> None:
+    result = compare_records(exact(levels=(1, 8, 32)), exact(levels=(8, 32, 64)))
+    assert result.level(1).status == MISSING and "not measured in this run" in result.level(1).note
+    assert result.level(64).status == MISSING and "no baseline" in result.level(64).note
+    assert result.level(8).status == OK
+
+
+def test_old_records_without_trials_use_metrics() -> None:
+    base, now = exact(), exact(slowdown=1.3)
+    for rec in (base, now):
+        for lv in rec["levels"]:
+            lv.pop("trials")
+    assert compare_records(base, now).level(8).get("throughput").status == REGRESSED
+
+
+def test_terminal_lines() -> None:
+    result = compare_records(exact(), exact(slowdown=1.2, client_bound=[1]), baseline_path="results/baselines/x.json")
+    lines = comparison_lines(result)
+    assert lines[0].startswith("dp3 vs baseline results/baselines/x.json (engine vllm 0.11.0")
+    assert lines[0].endswith("REGRESSED")
+    header = lines[1].split()
+    assert header[:4] == ["conc", "output", "tok/s", "baseline"]
+    row64 = next(ln for ln in lines if ln.split()[:1] == ["64"])
+    assert "-16.7% !" in row64 and "regressed" in row64
+    assert any(ln.strip().startswith("output_tok_s regressed at c=64") for ln in lines)
+    assert any("c=1 invalid: this run: client-bound" in ln for ln in lines)
+    assert len(comparison_lines(result, verbose=True)) > len(lines)
+
+
+def test_to_dict_is_json_safe() -> None:
+    import json
+    result = compare_records(make_record(seed=1), make_record(seed=2, failed={8: 1}))
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["topology"] == "dp3" and data["levels"][0]["metrics"][0]["metric"] == "output_tok_s"
