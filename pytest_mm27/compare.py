@@ -626,39 +626,51 @@ def _val(m: MetricComparison | None, which: str) -> str:
 
 
 COMPARISON_COLUMNS = ("conc", "output tok/s", "baseline", "Δ", "TTFT p99", "baseline", "Δ",
-                      "TPOT p50", "baseline", "Δ", "errors Δ", "noise", "status")
+                      "TPOT p50", "baseline", "Δ", "errors Δ", "noise", "floor", "verdict", "gate")
 
 
-def comparison_rows(comparison: RecordComparison) -> list[tuple[str, ...]]:
+def comparison_rows(comparison: RecordComparison, record: Mapping[str, Any] | None = None) -> list[tuple[str, ...]]:
+    """One row per level; ``record`` adds its floor and floor verdict columns."""
+    by_c = {lv["concurrency"]: lv for lv in (record or {}).get("levels") or []}
     rows = []
     for lv in comparison.levels:
         tp, ttft, tpot, err = (lv.get(n) for n in ("throughput", "ttft_p99", "tpot_p50", "error_rate"))
         noise = f"±{tp.noise:.1%}" if tp is not None and tp.noise is not None else "-"
+        entry = by_c.get(lv.concurrency) or {}
+        floor = f"{entry['floor']:,.0f}" if isinstance(entry.get("floor"), (int, float)) else "-"
+        verdict = (entry.get("verdict") or {}).get("status", "-")
         rows.append((str(lv.concurrency), _val(tp, "now"), _val(tp, "baseline"), _delta(tp),
                      _val(ttft, "now"), _val(ttft, "baseline"), _delta(ttft),
                      _val(tpot, "now"), _val(tpot, "baseline"), _delta(tpot),
-                     _delta(err), noise, lv.status))
+                     _delta(err), noise, floor, verdict, lv.status))
     return rows
 
 
-def comparison_lines(comparison: RecordComparison, *, verbose: bool = False) -> list[str]:
-    """Lines for the terminal: a table per topology with baseline columns and deltas, then messages.
+def tolerance_text(tolerances: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0%}" if k != "error_rate" else f"{k} +{v * 100:.2f}pt" for k, v in tolerances.items())
 
-    Regressions, improvements and invalid levels always get their one-line
-    message; ``verbose`` adds every metric's.
+
+def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | None = None, *,
+                     verbose: bool = False) -> list[str]:
+    """Terminal lines: a table with baseline columns and deltas, then one-line messages.
+
+    Call once per topology (from ``pytest_terminal_summary``). Values are
+    geometric means over trials. Regressions and improvements always get
+    their message, invalid and missing levels their reason; ``verbose``
+    adds every metric's message.
     """
-    from .report import render_table  # local: report is the terminal module, keep imports one-way
+    from .report import record_title, render_table  # report is the terminal-table module; one-way import
 
     info = comparison.baseline_info
     engine = f"{info.get('engine') or '?'} {info.get('engine_version') or ''}".rstrip()
-    lines = [f"{comparison.topology} vs baseline {comparison.baseline_path or '-'} "
-             f"(engine {engine}, saved {info.get('saved_at') or info.get('created_at') or '?'}): "
-             f"{comparison.status.upper() if comparison.status == REGRESSED else comparison.status}"]
-    lines += ["  " + ln for ln in render_table(COMPARISON_COLUMNS, comparison_rows(comparison))]
-    lines.append(f"  (Δ: change vs baseline; ! regressed, + improved, ? not compared (invalid); tolerances "
-                 + ", ".join(f"{k} {v:.0%}" if k != "error_rate" else f"{k} +{v * 100:.2f}pt"
-                             for k, v in comparison.tolerances.items())
-                 + f"; {comparison.confidence:.0%} intervals)")
+    status = comparison.status.upper() if comparison.status == REGRESSED else comparison.status
+    lines = [record_title(record) if record else comparison.topology,
+             f"  vs baseline {comparison.baseline_path or '-'} (engine {engine}, saved "
+             f"{info.get('saved_at') or info.get('created_at') or '?'}): {status}"]
+    lines += ["  " + ln for ln in render_table(COMPARISON_COLUMNS, comparison_rows(comparison, record))]
+    lines.append("  (Δ: change vs baseline; ! regressed, + improved, ? not compared; noise: "
+                 f"{comparison.confidence:.0%} interval of the throughput ratio; tolerances "
+                 f"{tolerance_text(comparison.tolerances)})")
     lines.append(f"  {comparison.noise_source}")
     for lv in comparison.levels:
         for m in lv.metrics:
@@ -673,5 +685,5 @@ __all__ = [
     "ALIASES", "DEFAULT_ASSUMED_NOISE", "DEFAULT_CONFIDENCE", "DEFAULT_TOLERANCES", "IMPROVED", "INVALID",
     "LevelComparison", "METRICS", "MISSING", "MetricComparison", "MetricSpec", "OK", "REGRESSED",
     "RecordComparison", "comparison_lines", "comparison_rows", "compare_records", "invalid_reason",
-    "level_trials", "parse_tolerances", "t_cdf", "t_ppf", "worst",
+    "level_trials", "parse_tolerances", "t_cdf", "t_ppf", "tolerance_text", "worst",
 ]

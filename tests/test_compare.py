@@ -241,13 +241,15 @@ def test_old_records_without_trials_use_metrics() -> None:
 
 def test_terminal_lines() -> None:
     result = compare_records(exact(), exact(slowdown=1.2, client_bound=[1]), baseline_path="results/baselines/x.json")
-    lines = comparison_lines(result)
-    assert lines[0].startswith("dp3 vs baseline results/baselines/x.json (engine vllm 0.11.0")
-    assert lines[0].endswith("REGRESSED")
-    header = lines[1].split()
+    now = exact(slowdown=1.2, client_bound=[1], floors={64: 5_500})
+    lines = comparison_lines(result, now)
+    assert lines[0].startswith("dp3 (TP=1 x DP=3 replicas) · engine vllm 0.11.0 · workload default")
+    assert lines[1].startswith("  vs baseline results/baselines/x.json (engine vllm 0.11.0")
+    assert lines[1].endswith("REGRESSED")
+    header = lines[2].split()
     assert header[:4] == ["conc", "output", "tok/s", "baseline"]
     row64 = next(ln for ln in lines if ln.split()[:1] == ["64"])
-    assert "-16.7% !" in row64 and "regressed" in row64
+    assert "-16.7% !" in row64 and row64.split()[-3:] == ["5,500", "pass", "regressed"]
     assert any(ln.strip().startswith("output_tok_s regressed at c=64") for ln in lines)
     assert any("c=1 invalid: this run: client-bound" in ln for ln in lines)
     assert len(comparison_lines(result, verbose=True)) > len(lines)
