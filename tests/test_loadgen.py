@@ -426,12 +426,17 @@ def test_compute_level_metrics_exact():
 
 
 def test_client_bound_judgement():
-    recs = [RequestRecord(i, "e", 0, 0.0, 0.05 * (i >= 2), 1.0, True, None, [0.5], 1, 1) for i in range(6)]
+    # The two ramp requests are late by construction (all due at once); only refills are judged.
+    recs = [RequestRecord(i, "e", 0, 0.0, 0.05 * (i >= 2), 1.0, True, None, [0.5], 1, 1, ramp=i < 2)
+            for i in range(6)]
     m = compute_level_metrics(recs, 2, self_measurements=[SelfMeasurement(0, 0.95, 1.0, [0.1] * 10)])
     assert m.client_bound is True
     assert "dispatch lag" in m.client_bound_reason and "CPU" in m.client_bound_reason
     m = compute_level_metrics(recs[:2], 2, self_measurements=[SelfMeasurement(0, 0.1, 1.0, [50.0] * 10)])
     assert m.client_bound and "event-loop lag" in m.client_bound_reason
+    assert "machine overloaded" in m.client_bound_reason
+    ramp_only = [RequestRecord(i, "e", 0, 0.0, 0.05, 1.0, True, None, [0.5], 1, 1, ramp=True) for i in range(2)]
+    assert compute_level_metrics(ramp_only, 2).client_bound is False
 
 
 def test_steady_window_and_token_spread():

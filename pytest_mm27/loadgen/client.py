@@ -235,12 +235,14 @@ async def closed_loop(
     lags: list[float] = []
 
     async def slot(slot_free: float) -> None:
+        ramp = True
         while (idx := claim()) is not None:
             ep = picker.acquire()
             try:
                 body = factory.body(idx)
                 rec = RequestRecord(index=idx, endpoint=endpoints[ep], worker=worker,
-                                    slot_free=slot_free, sent=0.0, end=0.0)
+                                    slot_free=slot_free, sent=0.0, end=0.0, ramp=ramp)
+                ramp = False
                 inflight[idx] = rec
                 rec.sent = monotonic()
                 await do_request(session, urls[ep], body, rec, timeout_s)

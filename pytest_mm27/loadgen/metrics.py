@@ -97,6 +97,7 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
     output_tokens: int = 0      # usage.completion_tokens
     prompt_tokens: int = 0      # usage.prompt_tokens
+    ramp: bool = False          # first request of its slot (sent at level start, not a refill)
 
     @property
     def ttft(self) -> float | None:
@@ -327,7 +328,7 @@ def compute_level_metrics(
     worker_util = [sm.cpu_util for sm in sorted(self_measurements, key=lambda s: s.worker)]
     # The first c sends all fall due at once (ramp-up); only refills show
     # whether the client keeps up, so only they are judged.
-    refill_queue = Percentiles.of((r.sent - r.slot_free) * ms for r in records if r.index >= concurrency)
+    refill_queue = Percentiles.of((r.sent - r.slot_free) * ms for r in records if not r.ramp)
     bound, reason = judge_client_bound(refill_queue, loop_lag, worker_util)
 
     match: bool | None = None

@@ -3,11 +3,14 @@
 Worker sharding
 ---------------
 With ``workers > 1`` the level's slots are spread over that many spawned
-processes (c // W each, the remainder to the first ones). They share, through
-shared memory, one request counter (so exactly ``requests_for(c)`` requests
-are sent, whoever finishes first takes the next) and one table of outstanding
-requests per endpoint (so least-outstanding balancing is global). Each worker
-returns its raw records; the parent merges them and computes metrics once.
+processes (c // W each, the remainder to the first ones) and the requests in
+the same proportion, so exactly ``requests_for(c)`` are sent and every worker
+runs about as long. Each worker balances its own requests over all endpoints
+by least outstanding requests (ties round-robin, starting at a different
+endpoint per worker); since each holds the same share of slots, the global
+balance is the per-worker balance times W. Warm-up and the /metrics scrapes
+run in the parent. Each worker returns its raw records; the parent merges
+them and computes metrics once.
 
 Clock alignment
 ---------------
@@ -253,63 +256,19 @@ async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics
 
 
 # --- sharded over processes ---
+#
+# No locks or named semaphores are shared: they live in /dev/shm, which a
+# launcher cleaning up after a server may sweep. Workers get fixed shares
+# of slots and requests and talk to the parent over pipes only.
 
-class _SharedState:
-    """Request counter and per-endpoint outstanding counts in shared memory, one lock."""
-
-    def __init__(self, ctx, n_endpoints: int):
-        self.lock = ctx.Lock()
-        self.counter = ctx.RawValue("q", 0)
-        self.outstanding = ctx.RawArray("q", n_endpoints)
-        self.rr = ctx.RawValue("q", 0)
-        self.start = ctx.Event()
-        self.epoch = ctx.RawValue("d", 0.0)       # wall time the window opened
-        self.deadline = ctx.RawValue("d", 0.0)    # wall time the level must end (0: none)
-        self.abort = ctx.RawValue("b", 0)
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` integers differing by at most one, larger first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-class _SharedClaimer:
-    def __init__(self, st: _SharedState, limit: int | None, stop_at: float | None):
-        self.st, self.limit, self.stop_at = st, limit, stop_at
-
-    def claim(self) -> int | None:
-        if self.stop_at is not None and monotonic() >= self.stop_at:
-            return None
-        with self.st.lock:
-            i = self.st.counter.value
-            if self.limit is not None and i >= self.limit:
-                return None
-            self.st.counter.value = i + 1
-            return i
-
-
-class _SharedPicker:
-    def __init__(self, st: _SharedState):
-        self.st = st
-        self.n = len(st.outstanding)
-
-    def acquire(self) -> int:
-        st, n = self.st, self.n
-        with st.lock:
-            out = st.outstanding
-            start = st.rr.value
-            best, best_v = start, out[start]
-            for k in range(1, n):
-                i = (start + k) % n
-                if out[i] < best_v:
-                    best, best_v = i, out[i]
-            out[best] += 1
-            st.rr.value = (best + 1) % n
-            return best
-
-    def release(self, i: int) -> None:
-        with self.st.lock:
-            self.st.outstanding[i] -= 1
-
-
-def _worker_main(plan: _Plan, worker: int, slots: int, st: _SharedState, conn) -> None:
+def _worker_main(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, conn) -> None:
     try:
-        result = run_sync(lambda: _worker_async(plan, worker, slots, st, conn))
+        result = run_sync(lambda: _worker_async(plan, worker, slots, n_requests, base, conn))
         conn.send_bytes(pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL))
     except BaseException as e:  # report, never hang the parent
         try:
@@ -320,99 +279,115 @@ def _worker_main(plan: _Plan, worker: int, slots: int, st: _SharedState, conn) -
         conn.close()
 
 
-async def _worker_async(plan: _Plan, worker: int, slots: int, st: _SharedState, conn):
+async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, conn):
     factory = RequestFactory(plan.workload, plan.model)
     async with make_session(plan.api_key, slots) as session:
         await prewarm_connections(session, plan.endpoints, slots)
         conn.send_bytes(b"ready")
-        # Blocking wait is fine: nothing else runs on this loop yet.
-        if not st.start.wait(WORKER_START_TIMEOUT_S + (plan.workload.request_timeout_s * 4)) or st.abort.value:
+        # The start barrier. Blocking is fine: nothing else runs on this loop yet.
+        go = conn.recv()
+        if go is None:
             return None
+        epoch, deadline_wall = go
         offset = clock_offset()                       # wall - mono
-        deadline = st.deadline.value - offset if st.deadline.value else None
-        stop_at = st.epoch.value - offset + plan.duration_s if plan.duration_s else None
+        deadline = deadline_wall - offset if deadline_wall is not None else None
+        stop_at = epoch - offset + plan.duration_s if plan.duration_s else None
+        claimer = CountClaimer(n_requests, stop_at)
+        picker = LeastOutstanding(len(plan.endpoints))
+        picker.rr = worker % len(plan.endpoints)      # spread ties across workers
         result = await closed_loop(
             session, plan.endpoints, factory, slots,
-            _SharedClaimer(st, plan.total, stop_at).claim, _SharedPicker(st),
+            lambda: None if (i := claimer.claim()) is None else base + i, picker,
             timeout_s=plan.workload.request_timeout_s, deadline=deadline, worker=worker,
         )
-    shift_records(result.records, offset - st.epoch.value)
+    shift_records(result.records, offset - epoch)
     sm = SelfMeasurement(worker, result.cpu_s, result.wall_s, result.loop_lag_ms)
     return result.records, sm, result.timed_out
 
 
 def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> LevelMetrics:
     ctx = mp.get_context("spawn")   # fork is unsafe with threads / a running loop in the parent
-    st = _SharedState(ctx, len(plan.endpoints))
-    share = [plan.concurrency // n_workers + (1 if i < plan.concurrency % n_workers else 0)
-             for i in range(n_workers)]
+    slot_share = split(plan.concurrency, n_workers)
+    if plan.total is not None:
+        # Requests in proportion to slots, so every worker runs about as long.
+        req_share = [plan.total * s // plan.concurrency for s in slot_share]
+        for i in range(plan.total - sum(req_share)):
+            req_share[i] += 1
+        bases = [sum(req_share[:i]) for i in range(n_workers)]
+    else:
+        req_share = [None] * n_workers
+        bases = [i << 32 for i in range(n_workers)]
     procs, conns = [], []
     try:
-        for i, slots in enumerate(share):
-            parent_conn, child_conn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker_main, args=(plan, i, slots, st, child_conn),
+        for i, slots in enumerate(slot_share):
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            p = ctx.Process(target=_worker_main, args=(plan, i, slots, req_share[i], bases[i], child_conn),
                             name=f"mm27-loadgen-{i}", daemon=True)
             p.start()
             child_conn.close()
             procs.append(p)
             conns.append(parent_conn)
         for i, c in enumerate(conns):
-            if not c.poll(WORKER_START_TIMEOUT_S):
-                raise LoadError(f"load generator worker {i} did not start within {WORKER_START_TIMEOUT_S:.0f} s")
-            msg = c.recv_bytes()
+            msg = None
+            try:
+                if c.poll(WORKER_START_TIMEOUT_S):
+                    msg = c.recv_bytes()
+            except (EOFError, OSError):
+                pass
             if msg != b"ready":
-                raise LoadError(f"load generator worker {i} failed to start: {pickle.loads(msg)[1]}")
-        return run_sync(lambda: _sharded_async(plan, st, conns, procs, deadline))
+                why = pickle.loads(msg)[1] if msg else "no answer (died or too slow)"
+                raise LoadError(f"load generator worker {i} failed to start: {why}")
+        return run_sync(lambda: _sharded_async(plan, conns, procs, req_share, bases, deadline))
     finally:
-        st.abort.value = 1
-        st.start.set()
+        for c in conns:
+            try:
+                c.send(None)     # releases a worker still at the barrier
+            except (OSError, ValueError):
+                pass
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        for c in conns:
+            c.close()
 
 
-async def _sharded_async(plan: _Plan, st: _SharedState, conns, procs, deadline) -> LevelMetrics:
+async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) -> LevelMetrics:
     factory = RequestFactory(plan.workload, plan.model)
     async with make_session(plan.api_key, plan.concurrency) as session:
         await _warmup(session, plan, factory, deadline)
         before = await scrape_tokens(session, plan.endpoints)
         offset = clock_offset()
-        st.deadline.value = deadline + offset if deadline is not None else 0.0
-        st.epoch.value = time.time()
-        st.start.set()
-        # Gather results without blocking this loop's session (it is idle meanwhile).
+        deadline_wall = deadline + offset if deadline is not None else None
+        epoch = time.time()
+        for c in conns:
+            c.send((epoch, deadline_wall))
+        # Wait for results in a thread; this loop's session stays idle meanwhile.
         loop = asyncio.get_running_loop()
         grace = plan.workload.request_timeout_s + 30.0
-        wait_until = (deadline + 30.0) if deadline is not None else None
         records: list[RequestRecord] = []
         sms: list[SelfMeasurement] = []
         timed_out = False
-        lost: list[str] = []
+        lost: dict[int, str] = {}
         for i, c in enumerate(conns):
-            msg = await loop.run_in_executor(None, _recv, c, procs[i], wait_until, grace, plan)
-            if msg is None:
-                lost.append(f"worker {i} died")
+            msg = await loop.run_in_executor(None, _recv, c, procs[i], deadline, grace)
+            payload = pickle.loads(msg) if msg else ("error", "died")
+            if payload[0] != "ok" or payload[1] is None:
+                lost[i] = f"load generator worker {i}: {payload[1]}"[:200]
                 continue
-            kind, payload = pickle.loads(msg)
-            if kind != "ok" or payload is None:
-                lost.append(f"worker {i}: {payload}")
-                continue
-            recs, sm, w_timed_out = payload
+            recs, sm, w_timed_out = payload[1]
             records.extend(recs)
             sms.append(sm)
             timed_out |= w_timed_out
         expect = sum(r.output_tokens for r in records if r.ok)
         server = await server_delta(session, plan.endpoints, before, expect)
     if lost:
-        # Requests claimed by a dead worker are failures we cannot describe better.
-        claimed = st.counter.value
-        seen = {r.index for r in records}
+        # A dead worker's requests are failures we cannot describe better.
         t = max((r.end for r in records), default=0.0)
-        for idx in range(claimed):
-            if idx not in seen:
-                records.append(RequestRecord(idx, plan.endpoints[0], -1, t, t, t, error=lost[0][:200]))
+        for i, why in lost.items():
+            for k in range(req_share[i] or 0):
+                records.append(RequestRecord(bases[i] + k, plan.endpoints[0], i, t, t, t, error=why))
     return compute_level_metrics(
         sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=sms,
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
@@ -420,15 +395,18 @@ async def _sharded_async(plan: _Plan, st: _SharedState, conns, procs, deadline) 
     )
 
 
-def _recv(conn, proc, wait_until: float | None, grace: float, plan: _Plan) -> bytes | None:
+def _recv(conn, proc, deadline: float | None, grace: float) -> bytes | None:
     """Block (in a thread) until the worker reports, dies, or overruns its bound."""
     while True:
-        if conn.poll(0.2):
-            try:
+        try:
+            if conn.poll(0.2):
                 return conn.recv_bytes()
-            except EOFError:
-                return None
-        if not proc.is_alive() and not conn.poll(0):
+        except (EOFError, OSError):
             return None
-        if wait_until is not None and monotonic() > wait_until + grace:
+        if not proc.is_alive():
+            try:
+                return conn.recv_bytes() if conn.poll(0) else None
+            except (EOFError, OSError):
+                return None
+        if deadline is not None and monotonic() > deadline + grace:
             return None
