@@ -36,6 +36,7 @@ from typing import Any
 
 from .engines.base import LaunchPlan, ServerSpec
 from .errors import LaunchError
+from .gpus import discover_gpus
 
 __all__ = [
     "Launcher",
@@ -51,6 +52,8 @@ POLL_INTERVAL_S = 0.2
 PROBE_TIMEOUT_S = 1.0               # short, so a dead child is noticed within ~1 s
 DEFAULT_GRACE_S = 10.0
 KILL_WAIT_S = 5.0
+GPU_FREE_WAIT_S = 10.0              # the driver frees memory shortly after the process is gone
+GPU_FREE_THRESHOLD_MB = 1024
 
 # Shared-memory and temp files vLLM, torch, NCCL and OpenMP create; only new
 # ones owned by us and no longer open or mapped by any process are removed.
@@ -153,14 +156,16 @@ class TeardownReport:
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     removed: tuple[str, ...] = ()               # shm segments / temp dirs cleaned up
     errors: tuple[str, ...] = ()
+    gpu_memory_in_use_mb: dict[int, int] = field(default_factory=dict)   # owned GPUs not freed
 
     @property
     def clean(self) -> bool:
-        return not self.leftovers
+        return not self.leftovers and not self.gpu_memory_in_use_mb
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 3), "leftovers": list(self.leftovers), "killed": list(self.killed),
-                "exit_codes": dict(self.exit_codes), "removed": list(self.removed), "errors": list(self.errors)}
+                "exit_codes": dict(self.exit_codes), "removed": list(self.removed), "errors": list(self.errors),
+                "gpu_memory_in_use_mb": {str(k): v for k, v in self.gpu_memory_in_use_mb.items()}}
 
     def summary(self) -> str:
         text = f"teardown took {self.seconds:.1f} s"
@@ -170,6 +175,9 @@ class TeardownReport:
             text += f"; removed {len(self.removed)} leftover file(s)"
         if self.leftovers:
             text += f"; STILL RUNNING: {'; '.join(self.leftovers)}"
+        if self.gpu_memory_in_use_mb:
+            text += "; GPU memory not freed: " + ", ".join(
+                f"GPU {i} {mb} MiB" for i, mb in sorted(self.gpu_memory_in_use_mb.items()))
         return text
 
 
@@ -453,12 +461,10 @@ class Launcher:
             if scan:
                 last_family_scan = now
             for i, server in enumerate(self._servers):
-                if server.healthy:
-                    continue
-                self._check_exited(i, server)
+                self._check_exited(i, server)       # healthy ones too: any death fails the boot
                 if scan:
                     self._remember_family(server)
-                if server.healthy is False:
+                if not server.healthy:
                     self._probe(server)
             if all(s.healthy for s in self._servers):
                 return
@@ -472,7 +478,7 @@ class Launcher:
         if code is None:
             return
         tail = read_log_tail(server.log_path, 200)
-        if server.picked_port and not server.retried and ADDR_IN_USE_RE.search(tail):
+        if server.picked_port and not server.retried and not server.healthy and ADDR_IN_USE_RE.search(tail):
             # Someone took the port between our pick and the child's bind: try once more.
             server.retried = True
             self._kill_now(server)
@@ -654,8 +660,28 @@ class Launcher:
                 errors.append(f"{server.spec.name}: pid {server.popen.pid} did not exit")
             exit_codes[server.spec.name] = server.popen.returncode
         removed, clean_errors = self._clean_files() if self._started else ([], [])
+        gpu_memory = self._gpu_memory_left(running) if running else {}
+        if gpu_memory:
+            errors.append("GPU memory still in use after teardown: "
+                          + ", ".join(f"GPU {i}: {mb} MiB" for i, mb in sorted(gpu_memory.items())))
         return TeardownReport(leftovers=tuple(leftovers), killed=tuple(killed), exit_codes=exit_codes,
-                              removed=tuple(removed), errors=tuple(errors + clean_errors))
+                              removed=tuple(removed), errors=tuple(errors + clean_errors),
+                              gpu_memory_in_use_mb=gpu_memory)
+
+    def _gpu_memory_left(self, servers: list[_Server]) -> dict[int, int]:
+        """GPUs our servers owned that still hold memory a few seconds after stop."""
+        if self.plan.engine != "vllm" or self.plan.topology.device != "cuda":
+            return {}
+        owned = {g for s in servers for g in s.spec.gpus}
+        if not owned:
+            return {}
+        deadline = time.monotonic() + GPU_FREE_WAIT_S
+        while True:
+            left = {g.index: g.memory_used_mb for g in discover_gpus()
+                    if g.index in owned and g.memory_used_mb > GPU_FREE_THRESHOLD_MB}
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.5)
 
     def _clean_files(self) -> tuple[list[str], list[str]]:
         candidates: list[Path] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -402,3 +403,61 @@ raise RuntimeError("the test run crashed")
     pids = json.loads(pidfile.read_text())
     for pid in pids:
         assert proc_group_members(pid) == []
+
+
+def test_sigterm_to_the_owner_stops_servers_with_signal_handlers(topology, standin, tmp_path):
+    pidfile = tmp_path / "pids.json"
+    code = f"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_launcher import make_plan
+from pytest_mm27.launcher import Launcher, install_signal_handlers
+from pytest_mm27.topology import parse_topology
+install_signal_handlers()
+topo = parse_topology(Path({str(topology.source)!r}))
+l = Launcher(make_plan(topo, Path({str(standin)!r}), ["--spawn", "1"]), Path({str(tmp_path / 'logs')!r}))
+l.launch()
+Path({str(pidfile)!r}).write_text(json.dumps(list(l.pids.values())))
+time.sleep(120)
+"""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() or not pidfile.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        pids = json.loads(pidfile.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM     # exits as SIGTERM asked, after cleaning up
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in pids:
+        assert proc_group_members(pid) == []
+
+
+def test_teardown_reports_gpu_memory_not_freed(topology, standin, tmp_path, monkeypatch):
+    import pytest_mm27.launcher as launcher_mod
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!{sys.executable}\nprint('1, GPU-b, Fake GPU, 97887, 45000, 575.0')\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(launcher_mod, "GPU_FREE_WAIT_S", 0.5)
+    plan = make_plan(topology, standin, [])
+    plan = LaunchPlan(topology=plan.topology, engine="vllm", servers=plan.servers, endpoints=plan.endpoints,
+                      model=plan.model, startup_timeout_s=30)
+    plan = plan.with_server(0, dataclasses.replace(plan.servers[0], gpus=(1,)))
+    with Launcher(plan, tmp_path / "logs") as launcher:
+        pass
+    report = launcher.teardown
+    assert report is not None and not report.leftovers
+    assert report.gpu_memory_in_use_mb == {1: 45000} and not report.clean
+    assert "GPU 1: 45000 MiB" in " ".join(report.errors)

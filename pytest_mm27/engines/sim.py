@@ -82,7 +82,7 @@ class SimEngine:
             {"MM27_FIXTURES_DIR": str(options.fixtures_dir)} if options.fixtures_dir else None,
         )
         servers = []
-        for i, (port, devs) in enumerate(zip(ports, devices)):
+        for i, (port, devs) in enumerate(zip(ports, devices, strict=True)):
             argv = [
                 sys.executable, "-m", "pytest_mm27.sim", "serve",
                 "--host", options.host, "--port", str(port),

@@ -156,7 +156,7 @@ class VllmEngine:
         model = topology.model
         served = model.served_name
         servers = []
-        for i, (port, devs) in enumerate(zip(ports, devices)):
+        for i, (port, devs) in enumerate(zip(ports, devices, strict=True)):
             argv = [
                 *options.vllm_command, "serve", model.name,
                 "--host", options.host, "--port", str(port),
