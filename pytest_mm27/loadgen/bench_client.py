@@ -1,0 +1,329 @@
+"""Benchmark the benchmark client: is the load generator ever the bottleneck?
+
+    python -m pytest_mm27.loadgen.bench_client [--levels 64,256,512,1024] [--step-ms 10]
+
+Starts the null SSE server (/work/shared/tools/null_sse_server.js, or
+--server-js), which emits one token per step to every open stream, pinned to
+CPU 1 with ``taskset`` when available, and drives it with:
+
+- our client, workers=1, pinned to CPU 0;
+- our client, workers=2, unpinned;
+- ``vllm bench serve`` and GuideLLM when installed ("not installed" otherwise).
+
+For each it reports output tok/s (whole run and steady window), the offered
+rate (c tokens per true step), TPOT error against the nominal step and
+against the true step, client-added TTFT, and client CPU.
+
+Truth comes from a probe: a separate, mostly idle process that reads one
+extra stream of the same server over a raw socket during the level and
+computes (last chunk - first chunk) / (tokens - 1), which no client delay at
+the ends can bias by more than a few microseconds per 200 tokens. When the
+server is saturated its true step grows past the nominal; a client is judged
+against the true step. Client-added TTFT is TTFT p50 minus half a step: a
+request arriving at a random phase waits U(0, step) for its first token,
+whose median is step/2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..workload import Workload
+from . import run_level
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_SERVER_JS = Path("/work/shared/tools/null_sse_server.js")
+VLLM_CANDIDATES = [REPO / ".venv-vllm" / "bin" / "vllm"]
+GUIDELLM_CANDIDATES = [REPO / ".venv-guidellm" / "bin" / "guidellm", Path("/tmp/venv-guidellm/bin/guidellm")]
+
+PROBE = r"""
+import socket, sys, time, json
+port, tokens, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+time.sleep(delay)
+body = json.dumps({"model": "null", "prompt": [100], "max_tokens": tokens, "stream": True}).encode()
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+times, buf = [], b""
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    now = time.monotonic()
+    times.extend([now] * data.count(b'"text":"tok'))
+    buf = (buf + data)[-64:]
+    if b"[DONE]" in buf:
+        break
+print((times[-1] - times[0]) / (len(times) - 1) * 1000 if len(times) > 1 else "nan")
+"""
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def cpu_ticks(pid: int) -> float:
+    """User+system CPU seconds of a process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def taskset(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and (os.cpu_count() or 1) > cpu else []
+
+
+class NullServer:
+    def __init__(self, js: Path, step_ms: float):
+        self.port = free_port()
+        self.step_ms = step_ms
+        cmd = [*taskset(1), "node", str(js), str(self.port), str(step_ms)]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("null server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+def start_probe(port: int, tokens: int, delay_s: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PROBE, str(port), str(tokens), str(delay_s)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def probe_result(p: subprocess.Popen) -> float:
+    try:
+        out, _ = p.communicate(timeout=120)
+        return float(out.strip())
+    except (subprocess.TimeoutExpired, ValueError):
+        p.kill()
+        return float("nan")
+
+
+@dataclasses.dataclass
+class Row:
+    client: str
+    c: int
+    tok_s: float = float("nan")
+    steady: float | None = None
+    true_step: float = float("nan")
+    tpot: float = float("nan")
+    ttft_p50: float = float("nan")
+    cpu: str = ""
+    server_cpu: float = float("nan")
+    failed: int = 0
+    note: str = ""
+
+
+def run_ours(server: NullServer, wl: Workload, c: int, workers: int, pin: bool) -> Row:
+    affinity = os.sched_getaffinity(0)
+    if pin:
+        os.sched_setaffinity(0, {0})
+    probe = start_probe(server.port, wl.output_tokens, 0.5 + wl.output_tokens * server.step_ms / 1000)
+    s0 = cpu_ticks(server.proc.pid)
+    t0 = time.monotonic()
+    try:
+        m = run_level([server.url], "null", wl, c, workers=workers)
+    finally:
+        os.sched_setaffinity(0, affinity)
+    wall = time.monotonic() - t0
+    server_cpu = (cpu_ticks(server.proc.pid) - s0) / wall
+    cpu = "/".join(f"{u:.0%}" for u in m.worker_cpu_util)
+    note = f"loop-lag p99 {m.loop_lag_ms.p99:.1f} ms"
+    if m.client_bound:
+        note += f"; CLIENT-BOUND: {m.client_bound_reason}"
+    return Row(f"mm27 w={workers}{' pinned' if pin else ''}", c, m.output_tok_s, m.steady_output_tok_s,
+               probe_result(probe), m.tpot_ms.mean, m.ttft_ms.p50, cpu, server_cpu, m.failed, note)
+
+
+def find(candidates: list[Path], name: str) -> str | None:
+    env = os.environ.get(f"MM27_{name.upper()}")
+    for path in [Path(env)] if env else []:
+        if path.exists():
+            return str(path)
+    for path in candidates:
+        if path.exists():
+            return str(path)
+    return shutil.which(name)
+
+
+def _num(pattern: str, text: str) -> float:
+    m = re.search(pattern + r"\s*([0-9.]+)", text)
+    return float(m.group(1)) if m else float("nan")
+
+
+def run_external(name: str, argv: list[str], server: NullServer, c: int, tokens: int, parse) -> Row:
+    probe = start_probe(server.port, tokens, 3.0 + tokens * server.step_ms / 1000)
+    s0 = cpu_ticks(server.proc.pid)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+    except subprocess.TimeoutExpired:
+        out = ""
+    wall = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    row = Row(name, c, true_step=probe_result(probe),
+              server_cpu=(cpu_ticks(server.proc.pid) - s0) / wall)
+    cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    row.cpu = f"{cpu_s:.1f}s total (incl. start-up)"
+    parse(out, row)
+    if row.tok_s != row.tok_s:
+        row.note = "no result; output tail: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+    return row
+
+
+def parse_vllm(out: str, row: Row) -> None:
+    row.tok_s = _num(r"Output token throughput \(tok/s\):", out)
+    row.tpot = _num(r"Mean TPOT \(ms\):", out)
+    row.ttft_p50 = _num(r"Median TTFT \(ms\):", out)
+    row.failed = int(_num(r"Failed requests:", out)) if "Failed requests" in out else 0
+
+
+def tiny_tokenizer(vllm_bin: str, tmp: Path) -> Path | None:
+    """A tokenizer for vllm bench (it needs one); made with the vLLM venv's python."""
+    python = Path(vllm_bin).with_name("python")
+    out = tmp / "tiny"
+    r = subprocess.run([str(python), "-m", "pytest_mm27.tinymodel", str(out)], cwd=REPO,
+                       capture_output=True, text=True)
+    return out if r.returncode == 0 else None
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def print_table(rows: list[Row], step_ms: float, header: bool = True) -> None:
+    if header:
+        print(f"{'client':<22}{'c':>6}{'tok/s':>10}{'steady':>10}{'offered':>10}{'true step':>10}"
+              f"{'TPOT':>9}{'err/nom':>9}{'err/true':>9}{'TTFT p50':>10}{'client+':>9}{'srv cpu':>8}"
+              f"  {'client cpu':<14} notes")
+    for r in rows:
+        offered = r.c * 1000 / r.true_step if r.true_step == r.true_step else float("nan")
+        err_nom = (r.tpot / step_ms - 1) * 100
+        err_true = (r.tpot / r.true_step - 1) * 100
+        added = r.ttft_p50 - step_ms / 2
+        notes = r.note + (f"; {r.failed} failed" if r.failed else "")
+        print(f"{r.client:<22}{r.c:>6}{fmt(r.tok_s, '.0f'):>10}{fmt(r.steady, '.0f'):>10}"
+              f"{fmt(offered, '.0f'):>10}{fmt(r.true_step, '.3f'):>10}{fmt(r.tpot, '.3f'):>9}"
+              f"{fmt(err_nom, '+.2f'):>8}%{fmt(err_true, '+.2f'):>8}%{fmt(r.ttft_p50, '.2f'):>10}"
+              f"{fmt(added, '.2f'):>9}{fmt(r.server_cpu, '.0%'):>8}  {r.cpu:<14} {notes}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.loadgen.bench_client", description=__doc__.split("\n")[0])
+    ap.add_argument("--levels", default="64,256,512,1024")
+    ap.add_argument("--step-ms", type=float, default=10.0)
+    ap.add_argument("--output-tokens", type=int, default=200)
+    ap.add_argument("--requests-per-c", type=float, default=3.0)
+    ap.add_argument("--server-js", type=Path, default=DEFAULT_SERVER_JS)
+    ap.add_argument("--only-ours", action="store_true", help="skip vllm bench serve and GuideLLM")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    if not shutil.which("node") or not args.server_js.exists():
+        print(f"needs node and {args.server_js}", file=sys.stderr)
+        return 2
+
+    wl = Workload(name="bench", description="", source=Path("bench"), input_tokens=128,
+                  output_tokens=args.output_tokens, ignore_eos=True,
+                  requests_per_concurrency=args.requests_per_c, min_requests=1, duration_s=None,
+                  warmup_requests=0, api="completions", temperature=0.0, request_timeout_s=300.0, seed=0)
+    print(f"null server: node {args.server_js.name}, step {args.step_ms} ms, "
+          f"{'pinned to CPU 1' if taskset(1) else 'not pinned'}; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}; {args.output_tokens} output tokens, "
+          f"{args.requests_per_c:g} x c requests")
+    print("columns: tok/s = output tok/s over the run; steady = over the all-in-flight window; "
+          "offered = c / true step; true step = probe's TPOT; err = TPOT error vs nominal / true step; "
+          "client+ = TTFT p50 - step/2 (client-added TTFT)\n")
+
+    rows: list[Row] = []
+    server = NullServer(args.server_js, args.step_ms)
+    try:
+        for c in levels:
+            for workers, pin in ((1, True), (2, False)):
+                row = run_ours(server, wl, c, workers, pin)
+                rows.append(row)
+                print_table([row], args.step_ms, header=not rows[:-1])
+        if not args.only_ours:
+            rows += run_others(server, levels, args)
+    finally:
+        server.stop()
+    print("\nall rows:")
+    print_table(rows, args.step_ms)
+    return 0
+
+
+def run_others(server: NullServer, levels: list[int], args) -> list[Row]:
+    rows: list[Row] = []
+    vllm = find(VLLM_CANDIDATES, "vllm")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(vllm, Path(tmp)) if vllm else None
+        for c in levels:
+            if not vllm:
+                rows.append(Row("vllm bench serve", c, note="not installed"))
+            elif tok is None:
+                rows.append(Row("vllm bench serve", c, note="no tokenizer (tinymodel failed)"))
+            else:
+                argv = [vllm, "bench", "serve", "--backend", "vllm", "--base-url", server.url,
+                        "--endpoint", "/v1/completions", "--model", "null", "--tokenizer", str(tok),
+                        "--dataset-name", "random", "--random-input-len", "128",
+                        "--random-output-len", str(args.output_tokens), "--ignore-eos",
+                        "--num-prompts", str(int(args.requests_per_c * c)), "--max-concurrency", str(c),
+                        "--request-rate", "inf", "--disable-tqdm"]
+                rows.append(run_external("vllm bench serve", argv, server, c, args.output_tokens, parse_vllm))
+            print_table(rows[-1:], args.step_ms, header=False)
+    guidellm = find(GUIDELLM_CANDIDATES, "guidellm")
+    for c in levels:
+        if not guidellm:
+            rows.append(Row("guidellm", c, note="not installed"))
+        else:
+            argv = [guidellm, "benchmark", "--target", server.url, "--model", "null",
+                    "--rate-type", "concurrent", "--rate", str(c),
+                    "--max-requests", str(int(args.requests_per_c * c)),
+                    "--data", f"prompt_tokens=128,output_tokens={args.output_tokens}",
+                    "--processor", "gpt2"]
+            rows.append(run_external("guidellm", argv, server, c, args.output_tokens, parse_guidellm))
+        print_table(rows[-1:], args.step_ms, header=False)
+    return rows
+
+
+def parse_guidellm(out: str, row: Row) -> None:
+    # GuideLLM prints a results table; take the first concurrent row's numbers when recognisable.
+    m = re.search(r"concurrent@[0-9.]+\s*\|([^\n]+)", out)
+    if not m:
+        return
+    nums = [float(x) for x in re.findall(r"[0-9]+\.[0-9]+", m.group(1))]
+    if nums:
+        row.note = "raw row: " + " ".join(f"{x:g}" for x in nums[:12])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
