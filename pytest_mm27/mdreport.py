@@ -1,0 +1,189 @@
+"""Markdown report from run records and their comparisons (CI job summaries, PR comments).
+
+One section and table per topology: now, baseline and change for output
+tok/s, TTFT p99 and TPOT p50, errors, floor and verdicts, then the
+regression messages. ``write_markdown`` writes it to a file and, when
+``$GITHUB_STEP_SUMMARY`` is set, appends it there too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .compare import (
+    IMPROVED, INVALID, METRICS, MISSING, REGRESSED, MetricComparison, RecordComparison, level_trials,
+    tolerance_text,
+)
+from .report import record_title
+
+STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+_ICON = {REGRESSED: "❌ regressed", IMPROVED: "✅ improved", INVALID: "⚠️ invalid", MISSING: "➖ missing",
+         "ok": "ok"}
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _num(value: Any, spec: str = ",.0f", suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    try:
+        return f"{float(value):{spec}}{suffix}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _pct(metrics: Mapping[str, Any], key: str, pct: str) -> Any:
+    block = metrics.get(key) or {}
+    return block.get(pct) if isinstance(block, Mapping) else None
+
+
+def _change(m: MetricComparison | None) -> str:
+    if m is None or m.change is None:
+        return "–"
+    text = f"{m.change * 100:+.2f} pt" if m.name == "error_rate" else f"{m.change:+.1%}"
+    if m.status == REGRESSED:
+        return f"**{text}** ❌"
+    if m.status == IMPROVED:
+        return f"{text} ✅"
+    if m.status == INVALID:
+        return f"{text} (not compared)"
+    return text
+
+
+def _fmt(name: str, value: float | None) -> str:
+    return METRICS[name].fmt(value) if value is not None else "–"
+
+
+HEADER = ("Concurrency", "Output tok/s", "Baseline", "Δ", "TTFT p99", "Baseline", "Δ", "TPOT p50", "Baseline",
+          "Δ", "Errors", "Floor", "Verdict", "Gate")
+
+
+def record_section(record: Mapping[str, Any], comparison: RecordComparison | None = None, *,
+                   note: str | None = None, level: int = 2) -> list[str]:
+    """Markdown lines for one topology: heading, baseline line, table, messages."""
+    lines = [f"{'#' * level} {_cell(record.get('topology', {}).get('name', '?'))}", "", record_title(record), ""]
+    status = record.get("status")
+    if status and status != "complete":
+        lines += [f"Run status: **{status}**", ""]
+    if comparison is not None:
+        info = comparison.baseline_info
+        engine = f"{info.get('engine') or '?'} {info.get('engine_version') or ''}".rstrip()
+        lines += [f"Baseline `{comparison.baseline_path or '-'}` (engine {engine}, saved "
+                  f"{info.get('saved_at') or info.get('created_at') or '?'}): **{_ICON.get(comparison.status)}**",
+                  ""]
+    elif note:
+        lines += [f"No comparison: {note}", ""]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" if i < 10 else "---" for i in
+                                                               range(len(HEADER))) + "|"]
+    by_c = {lv.concurrency: lv for lv in comparison.levels} if comparison else {}
+    for entry in record.get("levels") or []:
+        c = entry["concurrency"]
+        m = entry.get("metrics") or {}
+        lvc = by_c.get(c)
+        tp, ttft, tpot, err = ((lvc.get(n) if lvc else None) for n in ("throughput", "ttft_p99", "tpot_p50",
+                                                                        "error_rate"))
+        trials = level_trials(entry)
+        # With a comparison the values are geometric means over trials (the numbers that were judged).
+        now_tp = tp.now if tp and tp.now is not None else m.get("output_tok_s")
+        now_ttft = ttft.now if ttft and ttft.now is not None else _pct(m, "ttft_ms", "p99")
+        now_tpot = tpot.now if tpot and tpot.now is not None else _pct(m, "tpot_ms", "p50")
+        errors = f"{m.get('failed', 0)}/{m.get('requests', 0)}" if m else "–"
+        if len(trials) > 1:
+            failed = sum(int(t.get("failed") or 0) for t in trials)
+            errors = f"{failed}/{sum(int(t.get('requests') or 0) for t in trials)}"
+        if err is not None and err.change:
+            errors += f" ({_change(err)})"
+        verdict = (entry.get("verdict") or {}).get("status", "–")
+        if m.get("client_bound"):
+            verdict += " (client-bound)"
+        gate = _ICON.get(lvc.status, lvc.status) if lvc else "–"
+        lines.append("| " + " | ".join(_cell(x) for x in (
+            c, _fmt("throughput", now_tp), _fmt("throughput", tp.baseline if tp else None), _change(tp),
+            _fmt("ttft_p99", now_ttft), _fmt("ttft_p99", ttft.baseline if ttft else None), _change(ttft),
+            _fmt("tpot_p50", now_tpot), _fmt("tpot_p50", tpot.baseline if tpot else None), _change(tpot),
+            errors, _num(entry.get("floor")), verdict, gate)) + " |")
+    if comparison is not None:
+        for lv in comparison.levels:
+            if lv.concurrency not in {e["concurrency"] for e in record.get("levels") or []}:
+                lines.append(f"| {lv.concurrency} | – | {_fmt('throughput', (lv.get('throughput') or _Nil).baseline)}"
+                             f" | – | – | – | – | – | – | – | – | – | – | {_ICON[lv.status]} |")
+    lines.append("")
+    if comparison is not None:
+        messages = [m.message for lv in comparison.levels for m in lv.metrics if m.status in (REGRESSED, IMPROVED)]
+        notes = [f"c={lv.concurrency} {lv.status}: {lv.note}" for lv in comparison.levels if lv.note]
+        if messages or notes:
+            lines += [f"- {_cell(x)}" for x in [*messages, *notes]] + [""]
+        n_trials = max((len(level_trials(e)) for e in record.get("levels") or []), default=0)
+        lines += [f"<sub>Δ vs baseline; values are geometric means of {n_trials} trial(s). A change is a regression "
+                  f"only past its tolerance and outside the {comparison.confidence:.0%} noise interval. "
+                  f"Tolerances: {tolerance_text(comparison.tolerances)}. {comparison.noise_source}.</sub>", ""]
+    for err in record.get("errors") or []:
+        where = f" at c={err['concurrency']}" if err.get("concurrency") else ""
+        lines.append(f"- error{where}: {_cell(str(err.get('message', '')).splitlines()[0] if err.get('message') else '')}")
+    return lines
+
+
+class _Nil:
+    baseline = None
+
+
+def markdown_report(records: Sequence[Mapping[str, Any]],
+                    comparisons: Mapping[str, RecordComparison] | Sequence[RecordComparison | None] | None = None,
+                    *, title: str = "pytest-mm27 results", notes: Mapping[str, str] | None = None) -> str:
+    """The whole report. ``comparisons`` by topology name, or a list aligned with ``records``.
+
+    ``notes`` (by topology) explain a missing comparison, e.g. "no baseline ...".
+    """
+    if comparisons is None:
+        by_topo: dict[str, RecordComparison] = {}
+    elif isinstance(comparisons, Mapping):
+        by_topo = dict(comparisons)
+    else:
+        by_topo = {rec.get("topology", {}).get("name"): c for rec, c in zip(records, comparisons) if c is not None}
+    statuses = [c.status for c in by_topo.values()]
+    regressed = sum(1 for c in by_topo.values() if c.regressed)
+    summary = (f"**{regressed} of {len(by_topo)} compared topologies regressed**" if regressed
+               else f"No regression in {len(by_topo)} compared topolog{'y' if len(by_topo) == 1 else 'ies'}"
+               if statuses else "No baseline comparison")
+    lines = [f"# {title}", "", summary + f"; {len(records)} run record(s).", ""]
+    for rec in records:
+        topo = rec.get("topology", {}).get("name")
+        lines += record_section(rec, by_topo.get(topo), note=(notes or {}).get(topo))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_markdown(path: Path | str | None, text: str, *, step_summary: bool = True) -> list[Path]:
+    """Write ``text`` to ``path`` (atomically; None: skip) and append it to ``$GITHUB_STEP_SUMMARY``.
+
+    Returns the files written. The step summary is appended to, never
+    replaced: other steps of the job write there too.
+    """
+    written: list[Path] = []
+    if path is not None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    summary = os.environ.get(STEP_SUMMARY_ENV)
+    if step_summary and summary:
+        target = Path(summary)
+        with target.open("a", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+        written.append(target)
+    return written
+
+
+__all__ = ["STEP_SUMMARY_ENV", "markdown_report", "record_section", "write_markdown"]
