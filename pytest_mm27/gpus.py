@@ -267,7 +267,10 @@ class GpuLease:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:       # interpreter shutdown; the kernel drops the locks anyway
+            pass
 
     def __repr__(self) -> str:
         state = "released" if self.closed else "held"

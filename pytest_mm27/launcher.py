@@ -241,6 +241,9 @@ def stop_all() -> list[TeardownReport]:
 atexit.register(stop_all)
 
 
+_handled_signals: set[int] = set()
+
+
 def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGHUP)) -> None:
     """Stop all servers when this process is told to exit, then exit as asked.
 
@@ -248,6 +251,9 @@ def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIG
     calls it once from the main thread. Earlier handlers still run afterwards.
     """
     for sig in signals:
+        if sig in _handled_signals:
+            continue
+        _handled_signals.add(sig)
         previous = signal.getsignal(sig)
 
         def handler(signum: int, frame: Any, _previous: Any = previous) -> None:
