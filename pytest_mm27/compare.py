@@ -21,7 +21,11 @@ either raises false alarms or misses real 10 % slowdowns (measured by
 levels gives 4·L degrees of freedom, and the relative noise of one server
 at different concurrencies is similar enough (it is the same machine, clock
 and software) for the pooled estimate to stand for each level. Levels that
-cannot be trusted (client-bound, errors, timed out) are left out of the pool.
+cannot be trusted (client-bound, errors, timed out) are left out of the pool,
+and so is a level whose scatter is significantly larger than the rest's
+(F-test at 99 %; e.g. TTFT p99 at c=4, a p99 of a handful of requests): it
+keeps its own estimate, so it neither hides in the pool (false alarms there)
+nor inflates it (missed regressions everywhere else).
 
 A metric at a level is **regressed only when both hold**:
 
@@ -226,6 +230,29 @@ def _betainc(a: float, b: float, x: float) -> float:
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(ln) * _betacf(a, b, x) / a
     return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def f_cdf(x: float, d1: float, d2: float) -> float:
+    """Fisher's F distribution function."""
+    if x <= 0:
+        return 0.0
+    return _betainc(d1 / 2.0, d2 / 2.0, d1 * x / (d1 * x + d2))
+
+
+@lru_cache(maxsize=512)
+def f_ppf(p: float, d1: float, d2: float) -> float:
+    lo, hi = 0.0, 1.0
+    while f_cdf(hi, d1, d2) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if f_cdf(mid, d1, d2) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-9 * max(1.0, hi):
+            break
+    return (lo + hi) / 2.0
 
 
 def t_cdf(t: float, df: float) -> float:
@@ -457,6 +484,7 @@ def compare_records(
     # Pool the trial-to-trial variance of each ratio metric over the comparable levels.
     samples: dict[tuple[str, int], _Sample] = {}
     pooled: dict[str, tuple[float, int]] = {}
+    own_noise: set[tuple[str, int]] = set()
     for spec in specs:
         if spec.absolute:
             continue
@@ -473,6 +501,20 @@ def compare_records(
             ss, df = sample.ss_df
             ss_sum += ss
             df_sum += df
+        # A level that scatters far more than the others (F-test against the rest) keeps its own
+        # noise estimate and leaves the pool, so it can neither hide in it nor inflate it.
+        for c in concurrencies:
+            sample = samples.get((spec.name, c))
+            if sample is None or not pool_levels:
+                continue
+            ss, df = sample.ss_df
+            if _noisier_than_the_rest(ss, df, ss_sum, df_sum):
+                own_noise.add((spec.name, c))
+        for name_c in own_noise:
+            if name_c[0] == spec.name:
+                ss, df = samples[name_c].ss_df
+                ss_sum -= ss
+                df_sum -= df
         pooled[spec.name] = (math.sqrt(ss_sum / df_sum) if df_sum else 0.0, df_sum)
 
     two_sided = 2 * confidence - 1
@@ -505,9 +547,9 @@ def compare_records(
                     f"{spec.label} missing at c={c}: no positive value in the baseline or this run"), **common))
                 continue
             sigma, df = pooled[spec.name]
-            if not pool_levels:
-                ss, df = sample.ss_df
-                sigma = math.sqrt(ss / df) if df else 0.0
+            if not pool_levels or (spec.name, c) in own_noise:
+                own_ss, own_df = sample.ss_df
+                sigma, df = (math.sqrt(own_ss / own_df) if own_df else 0.0), own_df
             results.append(_compare_ratio(spec, c, sample, t, sigma, df, confidence, assumed_noise))
         levels.append(LevelComparison(c, results, note=reason or ""))
 
@@ -515,8 +557,10 @@ def compare_records(
     for spec in specs:
         if spec.name in pooled:
             sigma, df = pooled[spec.name]
-            sources.append(f"{spec.label} ±{math.expm1(sigma):.1%}/trial ({df} df)" if df
-                           else f"{spec.label} assumed ±{assumed_noise:.0%}/trial (single trials)")
+            apart = sorted(c for name, c in own_noise if name == spec.name)
+            sources.append((f"{spec.label} ±{math.expm1(sigma):.1%}/trial ({df} df)" if df
+                            else f"{spec.label} assumed ±{assumed_noise:.0%}/trial (single trials)")
+                           + (f", own noise at c={','.join(map(str, apart))}" if apart else ""))
     key_b, key_n = _key(baseline), _key(record)
     engine = baseline.get("engine") or {}
     return RecordComparison(
@@ -528,6 +572,19 @@ def compare_records(
                        "engine": engine.get("name"), "engine_version": engine.get("version"),
                        "saved_at": (baseline.get("baseline") or {}).get("saved_at")},
     )
+
+
+HETEROGENEITY_P = 0.99
+
+
+def _noisier_than_the_rest(ss: float, df: int, ss_all: float, df_all: int) -> bool:
+    """F-test: is this level's variance significantly larger than that of the other levels?"""
+    ss_rest, df_rest = ss_all - ss, df_all - df
+    if df < 1 or df_rest < 1:
+        return False
+    if ss_rest <= 0:
+        return ss > 0
+    return (ss / df) / (ss_rest / df_rest) > f_ppf(HETEROGENEITY_P, df, df_rest)
 
 
 def _key(record: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -260,3 +260,14 @@ def test_to_dict_is_json_safe() -> None:
     result = compare_records(make_record(seed=1), make_record(seed=2, failed={8: 1}))
     data = json.loads(json.dumps(result.to_dict()))
     assert data["topology"] == "dp3" and data["levels"][0]["metrics"][0]["metric"] == "output_tok_s"
+
+
+def test_a_much_noisier_level_keeps_its_own_noise() -> None:
+    noise = {1: 0.30, 8: 0.01, 32: 0.01, 64: 0.01, 128: 0.01, 256: 0.01}
+    base, now = make_record(noise=noise, seed=20), make_record(noise=noise, seed=21, slowdown=1.1)
+    result = compare_records(base, now)
+    assert "own noise at c=1" in result.noise_source
+    assert result.level(1).get("throughput").noise > 0.2          # not hidden in the quiet pool
+    for c in (8, 32, 64, 128, 256):                              # the quiet levels are not drowned
+        m = result.level(c).get("throughput")
+        assert m.noise < 0.05 and m.status == REGRESSED

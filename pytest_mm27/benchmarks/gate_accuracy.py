@@ -47,6 +47,12 @@ class Rates:
     level_flagged: int            # levels with any gated metric regressed
     records: int
     record_flagged: int           # records with any regression
+    by_level: dict[int, int]      # throughput flags per concurrency
+
+    @property
+    def worst_level(self) -> tuple[int, float]:
+        c, n = max(self.by_level.items(), key=lambda kv: kv[1])
+        return c, n / self.records
 
     @property
     def rate(self) -> float:
@@ -68,15 +74,16 @@ class Rates:
         return max(0.0, centre - half), min(1.0, centre + half)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "rate": self.rate, "rate_95ci": self.interval(), "level_rate": self.level_rate,
+        return {**self.__dict__, "worst_level": self.worst_level, "rate": self.rate, "rate_95ci": self.interval(), "level_rate": self.level_rate,
                 "record_rate": self.record_rate}
 
 
-def measure(label: str, *, pairs: int, trials: int, baseline_trials: int | None = None, noise: float,
+def measure(label: str, *, pairs: int, trials: int, baseline_trials: int | None = None, noise: Any,
             slowdown: float, seed: int, tolerances: dict[str, float], confidence: float,
             pool_levels: bool = True, levels: Sequence[int] = DEFAULT_LEVELS) -> Rates:
     """``slowdown`` F: the server is F times slower (throughput / F, latencies x F)."""
     flagged = level_flagged = record_flagged = comparisons = level_comparisons = 0
+    by_level = {c: 0 for c in levels}
     for i in range(pairs):
         base = make_record(trials=baseline_trials or trials, noise=noise, seed=seed * 1_000_003 + 2 * i,
                            levels=levels)
@@ -89,13 +96,14 @@ def measure(label: str, *, pairs: int, trials: int, baseline_trials: int | None 
             tp = lv.get("throughput")
             comparisons += 1
             flagged += tp is not None and tp.status == REGRESSED
+            by_level[lv.concurrency] += tp is not None and tp.status == REGRESSED
             level_comparisons += 1
             hit = any(m.status == REGRESSED for m in lv.metrics)
             level_flagged += hit
             any_level |= hit
         record_flagged += any_level
     return Rates(label, trials, 1 / slowdown - 1, comparisons, flagged, level_comparisons, level_flagged,
-                 pairs, record_flagged)
+                 pairs, record_flagged, by_level)
 
 
 def run(args: argparse.Namespace) -> list[Rates]:
@@ -118,6 +126,12 @@ def run(args: argparse.Namespace) -> list[Rates]:
                          **common))
     cases.append(measure("throughput -10%, baseline saved with 5 trials", trials=t, baseline_trials=5,
                          slowdown=1 / 0.9, **common))
+    noisy = {c: (args.noise * 5 if c == DEFAULT_LEVELS[0] else args.noise) for c in DEFAULT_LEVELS}
+    hetero = {**common, "noise": noisy}
+    cases.append(measure(f"unchanged, c={DEFAULT_LEVELS[0]} 5x noisier than the rest", trials=t, slowdown=1.0,
+                         **hetero))
+    cases.append(measure(f"throughput -10%, c={DEFAULT_LEVELS[0]} 5x noisier", trials=t, slowdown=1 / 0.9,
+                         **hetero))
     cases.append(measure("unchanged, per-level noise (rejected method)", trials=t, slowdown=1.0,
                          pool_levels=False, **common))
     cases.append(measure("throughput -10%, per-level noise (rejected method)", trials=t, slowdown=1 / 0.9,
@@ -131,13 +145,14 @@ def print_table(cases: Sequence[Rates], args: argparse.Namespace) -> None:
           f"latency tolerances {DEFAULT_TOLERANCES['ttft_p99']:.0%}; one-sided confidence {args.confidence:.0%}; "
           f"seed {args.seed}")
     header = (f"{'case':52s} {'trials':>6s} {'tok/s Δ':>8s} {'comparisons':>11s} {'flagged':>8s} "
-              f"{'rate':>7s} {'95% CI of rate':>16s} {'any metric/level':>17s} {'any/record':>10s}")
+              f"{'rate':>7s} {'95% CI of rate':>16s} {'worst level':>14s} {'any metric/level':>17s} {'any/record':>10s}")
     print(header)
     print("-" * len(header))
     for r in cases:
         lo, hi = r.interval()
+        wc, wr = r.worst_level
         print(f"{r.label:52s} {r.trials:>6d} {r.throughput_change:>+8.1%} {r.comparisons:>11d} {r.flagged:>8d} "
-              f"{r.rate:>7.2%} {f'[{lo:.2%}, {hi:.2%}]':>16s} {r.level_rate:>17.2%} {r.record_rate:>10.2%}")
+              f"{r.rate:>7.2%} {f'[{lo:.2%}, {hi:.2%}]':>16s} {f'c={wc}: {wr:.1%}':>14s} {r.level_rate:>17.2%} {r.record_rate:>10.2%}")
     head = {r.label: r for r in cases if r.trials == args.trials}
     fa = head["unchanged"]
     det = head["throughput -10% (server x1.111 slower)"]

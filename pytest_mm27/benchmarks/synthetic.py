@@ -61,19 +61,23 @@ def trial_metrics(concurrency: int, truth: Mapping[str, float], rng: random.Rand
     }
 
 
-def make_record(*, trials: int = 3, noise: float = 0.03, slowdown: float | Mapping[int, float] = 1.0,
+def make_record(*, trials: int = 3, noise: float | Mapping[int, float] = 0.03, slowdown: float | Mapping[int, float] = 1.0,
                 seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, topology: str = "dp3",
                 workload: str = "default", profile: str = "rtx-pro-6000-x3", simulated: bool = False,
                 engine: str = "vllm", engine_version: str = "0.11.0",
                 failed: Mapping[int, int] | None = None, client_bound: Sequence[int] = (),
                 floors: Mapping[int, float] | None = None) -> dict[str, Any]:
-    """A complete run record (schema of ``record.RunRecord``) with ``trials`` trials per level."""
+    """A complete run record (schema of ``record.RunRecord``) with ``trials`` trials per level.
+
+    ``noise`` and ``slowdown`` may be given per concurrency (a mapping; noise defaults to 3 %).
+    """
     rng = random.Random(seed)
     out_levels = []
     for c in levels:
         factor = slowdown.get(c, 1.0) if isinstance(slowdown, Mapping) else slowdown
         truth = true_values(c)
-        ts = [trial_metrics(c, truth, rng, noise, slowdown=factor, failed=(failed or {}).get(c, 0),
+        level_noise = noise.get(c, 0.03) if isinstance(noise, Mapping) else noise
+        ts = [trial_metrics(c, truth, rng, level_noise, slowdown=factor, failed=(failed or {}).get(c, 0),
                             client_bound=c in client_bound) for _ in range(trials)]
         best = max(ts, key=lambda t: t["output_tok_s"])
         out_levels.append({
