@@ -21,7 +21,10 @@ the ends can bias by more than a few microseconds per 200 tokens. When the
 server is saturated its true step grows past the nominal; a client is judged
 against the true step. Client-added TTFT is TTFT p50 minus half a step: a
 request arriving at a random phase waits U(0, step) for its first token,
-whose median is step/2.
+whose median is step/2. The Python twin reports its own TTFT p50 (request
+parsed -> first token written) on GET /stats, and then that is subtracted
+instead: closed-loop refills are phase-locked to the server's ticks, so the
+step/2 estimate can be off by up to half a step.
 """
 
 from __future__ import annotations
@@ -91,12 +94,16 @@ def taskset(cpu: int) -> list[str]:
 
 
 class NullServer:
-    def __init__(self, js: Path, step_ms: float):
+    def __init__(self, js: Path | None, step_ms: float):
         self.port = free_port()
         self.step_ms = step_ms
-        cmd = [*taskset(1), "node", str(js), str(self.port), str(step_ms)]
+        if js is not None:
+            cmd = [*taskset(1), "node", str(js), str(self.port), str(step_ms)]
+        else:  # the Python twin, for hosts without Node
+            cmd = [*taskset(1), sys.executable, "-m", "pytest_mm27.loadgen.null_server", str(self.port), str(step_ms)]
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=REPO)
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
@@ -108,6 +115,17 @@ class NullServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def server_ttft_p50(self) -> float | None:
+        """Server-side TTFT p50 since the last call (Python twin only; Node has no /stats)."""
+        import json
+        import urllib.request
+        try:
+            with urllib.request.urlopen(self.url + "/stats", timeout=5) as r:
+                data = json.loads(r.read())
+            return data.get("ttft_p50_ms") if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -139,6 +157,7 @@ class Row:
     ttft_p50: float = float("nan")
     cpu: str = ""
     server_cpu: float = float("nan")
+    server_ttft: float | None = None
     failed: int = 0
     note: str = ""
 
@@ -149,6 +168,7 @@ def run_ours(server: NullServer, wl: Workload, c: int, workers: int, pin: bool) 
         os.sched_setaffinity(0, {0})
     probe = start_probe(server.port, wl.output_tokens, 0.5 + wl.output_tokens * server.step_ms / 1000)
     s0 = cpu_ticks(server.proc.pid)
+    server.server_ttft_p50()  # reset
     t0 = time.monotonic()
     try:
         m = run_level([server.url], "null", wl, c, workers=workers)
@@ -161,7 +181,8 @@ def run_ours(server: NullServer, wl: Workload, c: int, workers: int, pin: bool) 
     if m.client_bound:
         note += f"; CLIENT-BOUND: {m.client_bound_reason}"
     return Row(f"mm27 w={workers}{' pinned' if pin else ''}", c, m.output_tok_s, m.steady_output_tok_s,
-               probe_result(probe), m.tpot_ms.mean, m.ttft_ms.p50, cpu, server_cpu, m.failed, note)
+               probe_result(probe), m.tpot_ms.mean, m.ttft_ms.p50, cpu, server_cpu,
+               server.server_ttft_p50(), m.failed, note)
 
 
 def find(candidates: list[Path], name: str) -> str | None:
@@ -183,6 +204,7 @@ def _num(pattern: str, text: str) -> float:
 def run_external(name: str, argv: list[str], server: NullServer, c: int, tokens: int, parse) -> Row:
     probe = start_probe(server.port, tokens, 3.0 + tokens * server.step_ms / 1000)
     s0 = cpu_ticks(server.proc.pid)
+    server.server_ttft_p50()  # reset
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     try:
@@ -196,6 +218,7 @@ def run_external(name: str, argv: list[str], server: NullServer, c: int, tokens:
     cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     row.cpu = f"{cpu_s:.1f}s total (incl. start-up)"
     parse(out, row)
+    row.server_ttft = server.server_ttft_p50()
     if row.tok_s != row.tok_s:
         row.note = "no result; output tail: " + " | ".join(out.strip().splitlines()[-3:])[:200]
     return row
@@ -230,7 +253,8 @@ def print_table(rows: list[Row], step_ms: float, header: bool = True) -> None:
         offered = r.c * 1000 / r.true_step if r.true_step == r.true_step else float("nan")
         err_nom = (r.tpot / step_ms - 1) * 100
         err_true = (r.tpot / r.true_step - 1) * 100
-        added = r.ttft_p50 - step_ms / 2
+        # With the server's own TTFT (Python twin) subtract it; else its expectation, step/2.
+        added = r.ttft_p50 - (r.server_ttft if r.server_ttft is not None else step_ms / 2)
         notes = r.note + (f"; {r.failed} failed" if r.failed else "")
         print(f"{r.client:<22}{r.c:>6}{fmt(r.tok_s, '.0f'):>10}{fmt(r.steady, '.0f'):>10}"
               f"{fmt(offered, '.0f'):>10}{fmt(r.true_step, '.3f'):>10}{fmt(r.tpot, '.3f'):>9}"
@@ -245,27 +269,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-tokens", type=int, default=200)
     ap.add_argument("--requests-per-c", type=float, default=3.0)
     ap.add_argument("--server-js", type=Path, default=DEFAULT_SERVER_JS)
+    ap.add_argument("--server", choices=("node", "python"), default=None,
+                    help="null server: node (default when available) or the Python twin")
     ap.add_argument("--only-ours", action="store_true", help="skip vllm bench serve and GuideLLM")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    if not shutil.which("node") or not args.server_js.exists():
-        print(f"needs node and {args.server_js}", file=sys.stderr)
+    if args.server is None:
+        args.server = "node" if shutil.which("node") and args.server_js.exists() else "python"
+    js = args.server_js if args.server == "node" else None
+    if js is not None and (not shutil.which("node") or not js.exists()):
+        print(f"needs node and {js}", file=sys.stderr)
         return 2
 
     wl = Workload(name="bench", description="", source=Path("bench"), input_tokens=128,
                   output_tokens=args.output_tokens, ignore_eos=True,
                   requests_per_concurrency=args.requests_per_c, min_requests=1, duration_s=None,
                   warmup_requests=0, api="completions", temperature=0.0, request_timeout_s=300.0, seed=0)
-    print(f"null server: node {args.server_js.name}, step {args.step_ms} ms, "
+    print(f"null server: {'node ' + js.name if js else 'python -m pytest_mm27.loadgen.null_server'}, step {args.step_ms} ms, "
           f"{'pinned to CPU 1' if taskset(1) else 'not pinned'}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}; {args.output_tokens} output tokens, "
           f"{args.requests_per_c:g} x c requests")
     print("columns: tok/s = output tok/s over the run; steady = over the all-in-flight window; "
           "offered = c / true step; true step = probe's TPOT; err = TPOT error vs nominal / true step; "
-          "client+ = TTFT p50 - step/2 (client-added TTFT)\n")
+          "client+ = client-added TTFT = TTFT p50 - server-side TTFT p50 (Python twin's /stats), "
+          "or - step/2 with the Node server\n")
 
     rows: list[Row] = []
-    server = NullServer(args.server_js, args.step_ms)
+    server = NullServer(js, args.step_ms)
     try:
         for c in levels:
             for workers, pin in ((1, True), (2, False)):
