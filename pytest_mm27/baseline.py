@@ -93,7 +93,7 @@ def _safe(part: str) -> str:
 
 def check_name(name: str) -> str:
     """Validate a user-given baseline name (``--save-baseline NAME``); a trailing .json is dropped."""
-    stem = name[:-5] if name.endswith(".json") else name
+    stem = name.removesuffix(".json")
     if not _NAME_RE.match(stem):
         raise BaselineError(f"baseline name {name!r} must be letters, digits, '.', '_', '+' or '-' "
                           "(no path separators)", field="--save-baseline")

@@ -716,7 +716,10 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
     their message, invalid and missing levels their reason; ``verbose``
     adds every metric's message.
     """
-    from .report import record_title, render_table  # report is the terminal-table module; one-way import
+    from .report import (  # report is the terminal-table module; one-way import
+        record_title,
+        render_table,
+    )
 
     info = comparison.baseline_info
     engine = f"{info.get('engine') or '?'} {info.get('engine_version') or ''}".rstrip()
@@ -739,8 +742,28 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
 
 
 __all__ = [
-    "ALIASES", "DEFAULT_ASSUMED_NOISE", "DEFAULT_CONFIDENCE", "DEFAULT_TOLERANCES", "IMPROVED", "INVALID",
-    "LevelComparison", "METRICS", "MISSING", "MetricComparison", "MetricSpec", "OK", "REGRESSED",
-    "RecordComparison", "comparison_lines", "comparison_rows", "compare_records", "invalid_reason",
-    "level_trials", "parse_tolerances", "t_cdf", "t_ppf", "tolerance_text", "worst",
+    "ALIASES",
+    "DEFAULT_ASSUMED_NOISE",
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_TOLERANCES",
+    "IMPROVED",
+    "INVALID",
+    "METRICS",
+    "MISSING",
+    "OK",
+    "REGRESSED",
+    "LevelComparison",
+    "MetricComparison",
+    "MetricSpec",
+    "RecordComparison",
+    "compare_records",
+    "comparison_lines",
+    "comparison_rows",
+    "invalid_reason",
+    "level_trials",
+    "parse_tolerances",
+    "t_cdf",
+    "t_ppf",
+    "tolerance_text",
+    "worst",
 ]

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .compare import (
-    IMPROVED, INVALID, METRICS, MISSING, REGRESSED, MetricComparison, RecordComparison, level_trials,
+    IMPROVED,
+    INVALID,
+    METRICS,
+    MISSING,
+    REGRESSED,
+    MetricComparison,
+    RecordComparison,
+    level_trials,
     tolerance_text,
 )
 from .report import record_title

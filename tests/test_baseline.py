@@ -10,8 +10,14 @@ import pytest
 from pytest_mm27 import baseline as bl
 from pytest_mm27 import record as record_mod
 from pytest_mm27.baseline import (
-    BaselineError, BaselineExistsError, BaselineMismatchError, baseline_key, find_baseline, load_baseline,
-    resolve_baselines, save_baseline,
+    BaselineError,
+    BaselineExistsError,
+    BaselineMismatchError,
+    baseline_key,
+    find_baseline,
+    load_baseline,
+    resolve_baselines,
+    save_baseline,
 )
 from pytest_mm27.benchmarks.synthetic import make_record
 

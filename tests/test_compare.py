@@ -9,10 +9,17 @@ import pytest
 
 from pytest_mm27.benchmarks.synthetic import make_record
 from pytest_mm27.compare import (
-    DEFAULT_TOLERANCES, IMPROVED, INVALID, MISSING, OK, REGRESSED, compare_records, comparison_lines,
-    parse_tolerances, t_ppf,
+    DEFAULT_TOLERANCES,
+    IMPROVED,
+    INVALID,
+    MISSING,
+    OK,
+    REGRESSED,
+    compare_records,
+    comparison_lines,
+    parse_tolerances,
+    t_ppf,
 )
-
 
 # ---- tolerances ----------------------------------------------------------------------------
 

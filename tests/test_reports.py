@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.benchmarks.interop import benchmark_stats, export_pytest_benchmark, next_storage_path
+from pytest_mm27.benchmarks.interop import (
+    benchmark_stats,
+    export_pytest_benchmark,
+    next_storage_path,
+)
 from pytest_mm27.benchmarks.synthetic import make_record
 from pytest_mm27.compare import compare_records
 from pytest_mm27.mdreport import markdown_report, write_markdown

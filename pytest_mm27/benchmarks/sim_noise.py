@@ -50,7 +50,7 @@ def _serve(topology: Any, slowdown: float, log: Path) -> tuple[subprocess.Popen,
         if proc.poll() is not None:
             raise RuntimeError(f"simulator exited: {log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - local
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:
                     return proc, url
         except OSError:
