@@ -330,18 +330,23 @@ def run_others(server: NullServer, levels: list[int], args) -> list[Row]:
                         "--request-rate", "inf", "--disable-tqdm"]
                 rows.append(run_external("vllm bench serve", argv, server, c, args.output_tokens, parse_vllm))
             print_table(rows[-1:], args.step_ms, header=False)
-    guidellm = find(GUIDELLM_CANDIDATES, "guidellm")
-    for c in levels:
-        if not guidellm:
-            rows.append(Row("guidellm", c, note="not installed"))
-        else:
-            argv = [guidellm, "benchmark", "--target", server.url, "--model", "null",
-                    "--rate-type", "concurrent", "--rate", str(c),
-                    "--max-requests", str(int(args.requests_per_c * c)),
-                    "--data", f"prompt_tokens=128,output_tokens={args.output_tokens}",
-                    "--processor", "gpt2"]
-            rows.append(run_external("guidellm", argv, server, c, args.output_tokens, parse_guidellm))
-        print_table(rows[-1:], args.step_ms, header=False)
+        guidellm = find(GUIDELLM_CANDIDATES, "guidellm")
+        for c in levels:
+            if not guidellm:
+                rows.append(Row("guidellm", c, note="not installed"))
+            elif tok is None:
+                rows.append(Row("guidellm", c, note="no tokenizer (tinymodel failed)"))
+            else:
+                # GuideLLM >= 0.8 CLI (kind=...,key=value options).
+                argv = [guidellm, "run", "--disable-console-interactive",
+                        "--backend", f"kind=openai_http,target={server.url},model=null",
+                        "--profile", f"kind=concurrent,streams={c}",
+                        "--constraint", f"kind=max_requests,max_num={int(args.requests_per_c * c)}",
+                        "--data", f"kind=synthetic_text,prompt_tokens=128,output_tokens={args.output_tokens}",
+                        "--tokenizer", f"kind=hf_auto,pretrained_model_name_or_path={tok}",
+                        "--output", "kind=console"]
+                rows.append(run_external("guidellm", argv, server, c, args.output_tokens, parse_guidellm))
+            print_table(rows[-1:], args.step_ms, header=False)
     return rows
 
 

@@ -28,7 +28,10 @@ Default worker count
 ``workers=None`` means 1 below ``AUTO_WORKERS_FROM`` concurrency; from there
 one worker per ``SLOTS_PER_WORKER`` slots, capped by the CPUs this process may
 run on minus one (left for whatever else runs here, often the server), and
-never fewer than 1. See bench_client for the measurements behind the numbers.
+never fewer than 1. Measured with bench_client on an idle 16-core host: one
+uvloop+aiohttp process costs ~20 us of CPU per streamed chunk, used 55 % of a
+core and already showed 13 ms loop lag at c=256 x 100 tok/s per stream, and
+saturated near 45-50k chunks/s; two workers kept TPOT within 0.5 % at c=512.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ from .client import (
 from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, compute_level_metrics
 from .prompts import RequestFactory
 
-AUTO_WORKERS_FROM = 512
-SLOTS_PER_WORKER = 512
+AUTO_WORKERS_FROM = 256
+SLOTS_PER_WORKER = 256
 WORKER_START_TIMEOUT_S = 60.0
 METRIC_NAME = "vllm:generation_tokens_total"
 
