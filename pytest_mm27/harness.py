@@ -18,11 +18,11 @@ from typing import Any
 
 from .config import Mm27Config
 from .engines import select_engine
-from .engines.base import EngineOptions, LaunchPlan
+from .engines.base import EngineOptions, LaunchPlan, split_devices
 from .errors import ConfigError, LaunchError, Mm27Error
 from .floors import FloorTable, load_floors
-from .gpus import discover_gpus, lease_devices
-from .launcher import Launcher, free_port
+from .gpus import check_free_memory, discover_gpus, lease_devices
+from .launcher import Launcher
 from .loadgen import run_level
 from .paths import catalog_dirs
 from .record import RunRecord, git_commit, host_info, new_run_id
@@ -141,33 +141,32 @@ class Harness:
     def _launch(self, live: LiveTopology, choice: EngineChoice) -> None:
         topology = live.topology
         engine = choice.engine
-        devices: list[tuple[int, ...]] = [() for _ in range(topology.replicas)]
-        gpus_info: list[dict[str, Any]] = []
-        if engine.name == "vllm":
-            kind = "cpu" if topology.device == "cpu" else "gpu"
-            live.lease = lease_devices(topology.gpus if kind == "gpu" else topology.replicas * topology.tensor_parallel,
-                                       kind=kind)
-            per = len(live.lease.devices) // topology.replicas
-            devices = [tuple(live.lease.devices[i * per:(i + 1) * per]) for i in range(topology.replicas)]
+        record = live.record
+        devices: list[tuple[int, ...]] = []
+        kind = engine.device_kind(topology)
+        if kind is not None:
+            live.lease = lease_devices(engine.devices_needed(topology), kind=kind, owner=f"pytest-mm27 {self.run_id}")
+            devices = split_devices(topology, live.lease.devices)
             if kind == "gpu":
+                check_free_memory(live.lease.devices)
                 leased = set(live.lease.devices)
-                gpus_info = [g.to_dict() for g in discover_gpus() if g.index in leased]
-        ports = [free_port(self.cfg.host) for _ in range(topology.replicas)]
-        plan = engine.plan(topology, self.options, ports, devices)
+                record.data["hardware"]["gpus"] = [g.to_dict() for g in discover_gpus() if g.index in leased]
+        # Ports 0: the launcher picks free ones and retries once if one is taken meanwhile.
+        plan = engine.plan(topology, self.options, (), devices)
         if self.cfg.startup_timeout_s:
             plan = plan.with_startup_timeout(self.cfg.startup_timeout_s)
-        live.plan = plan
-        record = live.record
         record.data["engine"]["version"] = engine.version(self.options)
-        record.data["hardware"]["gpus"] = gpus_info
-        record.set("launch", plan.to_dict())
         live.launcher = Launcher(plan, self.run_dir / "logs")
         started = time.monotonic()
-        live.launcher.start()
-        live.launcher.wait_healthy()
+        try:
+            live.launcher.start()
+            live.launcher.wait_healthy()
+        finally:
+            live.plan = live.launcher.plan
+            record.set("launch", live.plan.to_dict())
         record.set("startup_s", round(time.monotonic() - started, 3))
-        live.endpoints = plan.endpoints
-        live.model = plan.model
+        live.endpoints = live.launcher.endpoints
+        live.model = live.plan.model
 
     def stop_live(self) -> None:
         live, self._live = self._live, None

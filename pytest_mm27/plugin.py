@@ -7,6 +7,8 @@ launcher, sim); this module only adapts it to pytest.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +101,23 @@ def pytest_configure(config: pytest.Config) -> None:
     except Mm27Error as exc:
         raise pytest.UsageError(f"pytest-mm27: {exc}") from None
     config.stash[HARNESS_KEY] = harness
+    _interrupt_on_sigterm()
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(harness), "mm27-xdist")
+
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (CI cancelling the job) like Ctrl-C: pytest then finishes the
+    session, which tears the servers down and closes the run records."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class _XdistHooks:
