@@ -28,6 +28,19 @@ class Verdict:
         return {"status": self.status, "problems": list(self.problems), "notes": list(self.notes)}
 
 
+# A client-bound level that misses its floor by more than the client could have
+# cost (its idle-slot share) plus this margin is a real miss, not an artefact.
+CLIENT_SLACK = 0.05
+
+
+def client_understatement(metrics: Mapping[str, Any]) -> float:
+    """Upper bound on the throughput a slow client hid: the share of slot time
+    requests spent waiting to be sent instead of being served."""
+    queue = (metrics.get("queue_ms") or {}).get("mean") or 0.0
+    e2el = (metrics.get("e2el_ms") or {}).get("mean") or 0.0
+    return queue / (queue + e2el) if queue + e2el > 0 else 1.0
+
+
 def _top_errors(errors: Mapping[str, int], limit: int = 3) -> str:
     items = sorted(errors.items(), key=lambda kv: -kv[1])[:limit]
     return "; ".join(f"{count} x {reason}" for reason, count in items)
@@ -51,11 +64,16 @@ def judge_level(metrics: Mapping[str, Any], floor: Floor | None, max_error_rate:
         shortfall = 1 - tok_s / floor.output_tok_s
         floor_problem = (f"output tok/s {tok_s:,.0f} is below the floor {floor.output_tok_s:,.0f} "
                          f"({shortfall:.1%} short) at c={metrics.get('concurrency')}; floor: {floor.describe()}")
-        if metrics.get("client_bound"):
+        client_share = client_understatement(metrics)
+        if metrics.get("client_bound") and shortfall <= client_share + CLIENT_SLACK:
             notes.append(floor_problem)
-            notes.append(f"client-bound level, not gated: {metrics.get('client_bound_reason') or 'client was the limit'}")
+            notes.append(f"client-bound level, not gated: {metrics.get('client_bound_reason') or 'client was the limit'}"
+                         f"; the client may have cost up to {client_share:.1%} of throughput")
             return Verdict(INVALID, tuple(problems), tuple(notes))
         problems.append(floor_problem)
+        if metrics.get("client_bound"):
+            notes.append(f"client-bound ({metrics.get('client_bound_reason')}), but the client can explain at most "
+                         f"{client_share:.1%} of a {shortfall:.1%} shortfall")
     if floor is None:
         notes.append("no floor for this level")
     if problems:
