@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from .verdict import client_understatement
 
 OK = "ok"
 REGRESSED = "regressed"
@@ -389,15 +390,26 @@ def level_trials(level: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     return trials
 
 
-def invalid_reason(level: Mapping[str, Any] | None, max_error_rate: float = 0.0) -> str | None:
-    """Why a level's performance numbers cannot be compared, or None when they can."""
+# A client-bound trial still counts for throughput when its requests waited this
+# share of slot time or less to be sent: the client then cannot have hidden a
+# change past any useful tolerance. Its latencies stay uncompared (blurred).
+CLIENT_TRUST_SHARE = 0.01
+
+
+def invalid_reason(level: Mapping[str, Any] | None, max_error_rate: float = 0.0, *,
+                   throughput: bool = False) -> str | None:
+    """Why a level's performance numbers cannot be compared, or None when they can.
+
+    ``throughput``: judge for the throughput metric, which a client-bound trial
+    does not invalidate when its dispatch delays were negligible.
+    """
     trials = level_trials(level)
     if not trials:
         problems = ((level or {}).get("verdict") or {}).get("problems") or []
         return "not measured" + (f" ({problems[0].splitlines()[0]})" if problems else "")
     for i, t in enumerate(trials):
         tag = f" (trial {i + 1} of {len(trials)})" if len(trials) > 1 else ""
-        if t.get("client_bound"):
+        if t.get("client_bound") and not (throughput and client_understatement(t) <= CLIENT_TRUST_SHARE):
             return f"client-bound{tag}: {t.get('client_bound_reason') or 'the client was the limit'}"
         rate = _error_rate(t) or 0.0
         if rate > max_error_rate or (max_error_rate == 0 and int(t.get("failed") or 0) > 0):
@@ -470,16 +482,20 @@ def compare_records(
     now_levels = {lv["concurrency"]: lv for lv in record.get("levels") or []}
     concurrencies = sorted(set(base_levels) | set(now_levels))
 
-    reasons: dict[int, str | None] = {}
-    for c in concurrencies:
+    def reason_for(c: int, throughput: bool) -> str | None:
         if c not in base_levels:
-            reasons[c] = "no baseline for this level"
-        elif c not in now_levels:
-            reasons[c] = "in the baseline but not measured in this run"
-        else:
-            bad_base = invalid_reason(base_levels[c], max_error_rate)
-            bad_now = invalid_reason(now_levels[c], max_error_rate)
-            reasons[c] = (f"this run: {bad_now}" if bad_now else None) or (f"baseline: {bad_base}" if bad_base else None)
+            return "no baseline for this level"
+        if c not in now_levels:
+            return "in the baseline but not measured in this run"
+        bad_base = invalid_reason(base_levels[c], max_error_rate, throughput=throughput)
+        bad_now = invalid_reason(now_levels[c], max_error_rate, throughput=throughput)
+        return (f"this run: {bad_now}" if bad_now else None) or (f"baseline: {bad_base}" if bad_base else None)
+
+    latency_reasons = {c: reason_for(c, False) for c in concurrencies}
+    throughput_reasons = {c: reason_for(c, True) for c in concurrencies}
+
+    def reasons_of(spec: MetricSpec) -> dict[int, str | None]:
+        return throughput_reasons if spec.name == "throughput" else latency_reasons
 
     # Pool the trial-to-trial variance of each ratio metric over the comparable levels.
     samples: dict[tuple[str, int], _Sample] = {}
@@ -489,6 +505,7 @@ def compare_records(
         if spec.absolute:
             continue
         ss_sum, df_sum = 0.0, 0
+        reasons = reasons_of(spec)
         for c in concurrencies:
             if reasons[c] is not None:
                 continue
@@ -521,8 +538,8 @@ def compare_records(
     levels: list[LevelComparison] = []
     for c in concurrencies:
         results: list[MetricComparison] = []
-        reason = reasons[c]
         for spec in specs:
+            reason = reasons_of(spec)[c]
             t = tol[spec.name]
             common = dict(concurrency=c, tolerance=t, higher_is_better=spec.higher_is_better, name=spec.name)
             if c not in base_levels or c not in now_levels:
@@ -551,7 +568,7 @@ def compare_records(
                 own_ss, own_df = sample.ss_df
                 sigma, df = (math.sqrt(own_ss / own_df) if own_df else 0.0), own_df
             results.append(_compare_ratio(spec, c, sample, t, sigma, df, confidence, assumed_noise))
-        levels.append(LevelComparison(c, results, note=reason or ""))
+        levels.append(LevelComparison(c, results, note=latency_reasons[c] or ""))
 
     sources = []
     for spec in specs:

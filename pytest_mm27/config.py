@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .compare import parse_tolerances
 from .errors import ConfigError
 
 ENGINE_CHOICES = ("auto", "vllm", "sim", "endpoint")
@@ -132,12 +133,39 @@ class Mm27Config:
     workers: int | None = None
     startup_timeout_s: float | None = None
     seed: int = 0
+    trials: int = 1
+    baseline: str | None = None             # "auto" or a path
+    save_baseline: str | bool = False       # True, or a name
+    force: bool = False
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    report_md: Path | None = None
+    plots_dir: Path | None = None
+    pytest_benchmark_json: Path | None = None
+
+    @property
+    def baselines_dir(self) -> Path:
+        return self.results_dir / "baselines"
 
     def sim_args(self) -> tuple[str, ...]:
         args: list[str] = []
         for name, value in self.sim_faults.items():
             args += [f"--{name}", value]
         return tuple(args)
+
+
+def _baseline_spec(value: Any, path: Callable[[str], Path]) -> str | None:
+    if not value:
+        return None
+    return "auto" if value == "auto" else str(path(value))
+
+
+def _save_name(value: Any) -> str | bool:
+    """--save-baseline alone -> True; --save-baseline NAME -> NAME; ini 'true'/'false' too."""
+    if value in (None, False, "", "false", "False", "0"):
+        return False
+    if value in (True, "true", "True", "1"):
+        return True
+    return str(value)
 
 
 def _convert(name: str, value: Any, parse: Callable[[str], Any]) -> Any:
@@ -189,6 +217,15 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         workers=_convert("mm27_workers", workers, parse_positive_int) if workers else None,
         startup_timeout_s=_convert("mm27_startup_timeout", startup, parse_positive_float) if startup else None,
         seed=int(get("seed") or 0),
+        trials=_convert("mm27_trials", get("trials") or "1", parse_positive_int),
+        baseline=_baseline_spec(get("baseline"), path),
+        save_baseline=_save_name(get("save_baseline")),
+        force=bool(get("force")),
+        tolerances=MappingProxyType(_convert("mm27_regression_tolerance", get("regression_tolerance") or "",
+                                             parse_tolerances) if get("regression_tolerance") else {}),
+        report_md=path(get("report_md")) if get("report_md") else None,
+        plots_dir=path(get("plots_dir")) if get("plots_dir") else None,
+        pytest_benchmark_json=path(get("pytest_benchmark_json")) if get("pytest_benchmark_json") else None,
     )
     if cfg.engine == "endpoint" and not cfg.endpoints:
         raise ConfigError("--engine endpoint needs at least one --endpoint URL", field="--endpoint")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .baseline import BaselineMatch, resolve_baselines
+from .compare import REGRESSED, compare_records
 from .config import Mm27Config
 from .engines import select_engine
 from .engines.base import EngineOptions, LaunchPlan, split_devices
@@ -25,9 +27,9 @@ from .gpus import check_free_memory, discover_gpus, lease_devices
 from .launcher import Launcher
 from .loadgen import run_level
 from .paths import catalog_dirs
-from .record import RunRecord, git_commit, host_info, new_run_id
+from .record import SCHEMA, SCHEMA_VERSION, RunRecord, git_commit, host_info, new_run_id
 from .topology import Topology, load_catalog
-from .verdict import ERROR, Verdict, judge_level
+from .verdict import ERROR, FAIL, Verdict, judge_level
 from .workload import Workload, load_workloads
 
 
@@ -70,6 +72,7 @@ class Harness:
         self._live: LiveTopology | None = None
         self._records: dict[str, RunRecord] = {}
         self._git = git_commit(rootdir)
+        self.baselines: dict[str, BaselineMatch] = self._resolve_baselines()
 
     # ---- selection, before anything boots -------------------------------------------------
     def _choose(self, topology: Topology) -> EngineChoice:
@@ -97,26 +100,40 @@ class Harness:
         return floor.output_tok_s if floor else None
 
     # ---- records ------------------------------------------------------------------------------
+    def _header(self, topology: Topology) -> dict[str, Any]:
+        choice = self.choices[topology.name]
+        return {
+            "run_id": self.run_id,
+            "git_commit": self._git,
+            "engine": {"name": choice.name, "version": None, "reason": choice.reason},
+            "host": host_info(),
+            "hardware": {"profile": topology.hardware, "simulated": choice.name == "sim", "gpus": []},
+            "topology": topology.to_dict(),
+            "workload": self.workload.to_dict(),
+            "options": {"max_error_rate": self.cfg.max_error_rate, "trials": self.cfg.trials,
+                        "concurrency_override": list(self.cfg.concurrency or ()),
+                        "sim_faults": dict(self.cfg.sim_faults)},
+            "launch": None,
+        }
+
     def record_for(self, topology: Topology) -> RunRecord:
         if topology.name not in self._records:
-            choice = self.choices[topology.name]
-            self._records[topology.name] = RunRecord(
-                self.run_dir / f"{topology.name}.json",
-                {
-                    "run_id": self.run_id,
-                    "git_commit": self._git,
-                    "engine": {"name": choice.name, "version": None, "reason": choice.reason},
-                    "host": host_info(),
-                    "hardware": {"profile": topology.hardware, "simulated": choice.name == "sim", "gpus": []},
-                    "topology": topology.to_dict(),
-                    "workload": self.workload.to_dict(),
-                    "options": {"max_error_rate": self.cfg.max_error_rate,
-                                "concurrency_override": list(self.cfg.concurrency or ())},
-                    "launch": None,
-                },
-            )
+            header = self._header(topology)
+            match = self.baselines.get(topology.name)
+            if match is not None:
+                header["baseline"] = {"path": str(match.path) if match.path else None, "note": match.note}
+            self._records[topology.name] = RunRecord(self.run_dir / f"{topology.name}.json", header)
             self._records[topology.name].save()
         return self._records[topology.name]
+
+    def _resolve_baselines(self) -> dict[str, BaselineMatch]:
+        """Find (auto) or load and check (PATH) baselines before anything boots."""
+        if not self.cfg.baseline:
+            return {}
+        headers = [{"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **self._header(t), "levels": []}
+                   for t in self.topologies]
+        matches = resolve_baselines(self.cfg.baseline, self.cfg.baselines_dir, headers)
+        return {m.record["topology"]["name"]: m for m in matches}
 
     # ---- boot and teardown ----------------------------------------------------------------
     def _boot(self, topology: Topology) -> LiveTopology:
@@ -204,11 +221,16 @@ class Harness:
             verdict = Verdict(ERROR, (live.failure,))
             entry |= {"metrics": None, "trials": [], "verdict": verdict.to_dict()}
             return entry, verdict
+        trials: list[dict[str, Any]] = []
         try:
-            if live.launcher is not None:
-                live.launcher.check_alive()
-            metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
-                                api_key=self.cfg.api_key, workers=self.cfg.workers)
+            for _ in range(self.cfg.trials):
+                if live.launcher is not None:
+                    live.launcher.check_alive()
+                metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
+                                    api_key=self.cfg.api_key, workers=self.cfg.workers)
+                trials.append(metrics.to_dict())
+                if metrics.failed and metrics.ok == 0:
+                    break       # nothing served: more trials would only repeat the failure
             if live.launcher is not None:
                 live.launcher.check_alive()
         except Mm27Error as exc:
@@ -216,19 +238,46 @@ class Harness:
             live.failure = message
             live.record.add_error(str(exc), concurrency=concurrency)
             verdict = Verdict(ERROR, (message,))
-            entry |= {"metrics": None, "trials": [], "verdict": verdict.to_dict()}
+            entry |= {"metrics": median_trial(trials), "trials": trials, "verdict": verdict.to_dict()}
             live.record.add_level(entry)
             return entry, verdict
-        data = metrics.to_dict()
+        data = median_trial(trials)
         verdict = judge_level(data, floor, self.cfg.max_error_rate)
-        entry |= {"metrics": data, "trials": [data], "verdict": verdict.to_dict()}
+        entry |= {"metrics": data, "trials": trials, "verdict": verdict.to_dict()}
         live.record.add_level(entry)
+        verdict = self._compare_level(live, entry, verdict)
         live.measured.append(concurrency)
         return entry, verdict
+
+    def _compare_level(self, live: LiveTopology, entry: dict[str, Any], verdict: Verdict) -> Verdict:
+        """Gate the level against its baseline (when one is given) and record how."""
+        match = self.baselines.get(live.topology.name)
+        if match is None or match.baseline is None:
+            return verdict
+        comparison = compare_records(match.baseline, live.record.data, self.cfg.tolerances or None,
+                                     max_error_rate=self.cfg.max_error_rate, baseline_path=match.path)
+        level = comparison.level(entry["concurrency"])
+        if level is None:
+            return verdict
+        entry["comparison"] = level.to_dict()
+        regressions = tuple(m.message for m in level.metrics if m.status == REGRESSED)
+        if regressions:
+            verdict = Verdict(FAIL, verdict.problems + regressions, verdict.notes)
+            entry["verdict"] = verdict.to_dict()
+        live.record.add_level(entry)
+        return verdict
 
     @property
     def records(self) -> list[RunRecord]:
         return list(self._records.values())
+
+
+def median_trial(trials: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial whose output tok/s is the median: floors are judged on a real trial."""
+    if not trials:
+        return None
+    ranked = sorted(trials, key=lambda t: t.get("output_tok_s") or 0.0)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _get_json(url: str, api_key: str | None, timeout: float = 10.0) -> Any:

@@ -19,10 +19,10 @@ from .config import (
     Mm27Config, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
     parse_positive_float, parse_positive_int, parse_sim_fault,
 )
+from .compare import parse_tolerances
 from .errors import Mm27Error
 from .harness import Harness
-from .record import load_record
-from .report import record_table
+from .finish import RunSummary, finish_run
 from .topology import Topology
 from .verdict import ERROR, FAIL, INVALID
 
@@ -62,20 +62,35 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("startup_timeout", "string", "override the topologies' startup timeout, seconds",
      {"type": parse_positive_float, "metavar": "S"}),
     ("seed", "string", "seed for the simulator and prompts (default 0)", {"type": int, "metavar": "N"}),
+    ("trials", "string", "measure each level N times; comparisons use the spread as noise (default 1)",
+     {"type": parse_positive_int, "metavar": "N"}),
+    ("baseline", "string", "compare with a stored baseline: 'auto' (by hardware, topology, workload) or a PATH",
+     {"metavar": "auto|PATH"}),
+    ("save_baseline", "string", "promote this run's records to baselines (optionally under NAME)",
+     {"nargs": "?", "const": "true", "metavar": "NAME"}),
+    ("force", "bool", "let --save-baseline replace an existing baseline", {"action": "store_true"}),
+    ("regression_tolerance", "string", "per-metric tolerances, e.g. throughput=5%,ttft_p99=10%",
+     {"type": parse_tolerances, "metavar": "SPEC"}),
+    ("report_md", "string", "write a Markdown report (also appended to $GITHUB_STEP_SUMMARY when set)",
+     {"metavar": "PATH"}),
+    ("plots_dir", "string", "write PNG plots (needs matplotlib)", {"metavar": "DIR"}),
+    ("pytest_benchmark_json", "string", "also export levels in pytest-benchmark's JSON format "
+     "(seconds per output token), for pytest-benchmark compare", {"metavar": "PATH"}),
 ]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mm27", "pytest-mm27: LLM-serving performance")
     for name, ini_type, help_text, extra in _OPTIONS:
-        group.addoption(f"--{name.replace('_', '-')}", dest=f"mm27_{name}", default=None, help=help_text, **extra)
+        default = False if extra.get("action") == "store_true" else None
+        group.addoption(f"--{name.replace('_', '-')}", dest=f"mm27_{name}", default=default, help=help_text, **extra)
         parser.addini(f"mm27_{name}", help_text, type=ini_type, default=None)
 
 
 def _getter(config: pytest.Config):
     def get(name: str) -> Any:
         value = config.getoption(f"mm27_{name}")
-        if value is not None:
+        if value not in (None, False):
             # (name, value) pairs of --sim-fault arrive parsed; keep them as they are
             if name == "sim_fault":
                 return [f"{k}={v}" for k, v in value]
@@ -219,28 +234,29 @@ def mm27_level(request: pytest.FixtureRequest, mm27_case: LevelCase) -> Level:
     return Level(request.config.stash[HARNESS_KEY], mm27_case)
 
 
+SUMMARY_KEY = pytest.StashKey[RunSummary]()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    harness = session.config.stash.get(HARNESS_KEY, None)
-    if harness is not None:
-        harness.close(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    config = session.config
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return
+    harness.close(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    if hasattr(config, "workerinput"):
+        return      # the controller compares and reports, from the records on disk
+    summary = finish_run(harness.cfg, harness.run_dir, harness.baselines)
+    config.stash[SUMMARY_KEY] = summary
+    if summary.failed and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    harness = config.stash.get(HARNESS_KEY, None)
-    if harness is None or hasattr(config, "workerinput"):
-        return
-    # Read the records back from disk: with xdist they were written by workers.
-    paths = sorted(harness.run_dir.glob("*.json")) if harness.run_dir.is_dir() else []
-    if not paths:
+    summary = config.stash.get(SUMMARY_KEY, None)
+    if summary is None or not (summary.lines or summary.failures):
         return
     terminalreporter.section("pytest-mm27")
-    for path in paths:
-        try:
-            record = load_record(path)
-        except Mm27Error as exc:
-            terminalreporter.write_line(f"cannot read {path}: {exc}")
-            continue
-        for line in record_table(record):
-            terminalreporter.write_line(line)
-        terminalreporter.write_line(f"  record: {os.path.relpath(path)}")
-        terminalreporter.write_line("")
+    for line in summary.lines:
+        terminalreporter.write_line(line)
+    for failure in summary.failures:
+        terminalreporter.write_line(f"FAILED: {failure}", red=True)

@@ -200,6 +200,18 @@ def test_client_bound_level_is_invalid_not_compared() -> None:
     assert result.level(64).get("throughput").status == REGRESSED
 
 
+def test_loop_lag_only_client_bound_keeps_throughput_comparable() -> None:
+    # Late wake-ups blur latencies, but requests left on time: throughput is still the server's.
+    now = exact(slowdown=1.5, client_bound=[128])
+    for lv in now["levels"]:
+        if lv["concurrency"] == 128:
+            for t in lv["trials"]:
+                t["queue_ms"] = {**t["queue_ms"], "mean": 0.0}
+    lv = compare_records(exact(), now).level(128)
+    assert lv.get("throughput").status == REGRESSED
+    assert lv.get("ttft_p99").status == INVALID and "client-bound" in lv.note
+
+
 def test_client_bound_baseline_level_is_invalid() -> None:
     result = compare_records(exact(client_bound=[1]), exact())
     assert result.level(1).status == INVALID and result.level(1).note.startswith("baseline: client-bound")

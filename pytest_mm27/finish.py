@@ -1,0 +1,116 @@
+"""After the last level: compare, promote baselines, write reports.
+
+Works from the run records on disk, so it gives the same answer whether the
+levels ran in this process or in pytest-xdist workers. No pytest imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .baseline import BaselineMatch, load_baseline, save_baseline
+from .benchmarks.interop import export_pytest_benchmark
+from .compare import RecordComparison, compare_records, comparison_lines
+from .config import Mm27Config
+from .errors import Mm27Error
+from .mdreport import markdown_report, write_markdown
+from .plots import PlotsUnavailable, plot_records
+from .record import load_record
+from .report import record_table
+
+
+@dataclass
+class RunSummary:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    comparisons: dict[str, RecordComparison] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)         # terminal summary
+    failures: list[str] = field(default_factory=list)      # fail the session (baseline errors, regressions)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+
+def load_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[Path], list[str]]:
+    records, paths, problems = [], [], []
+    for path in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
+        try:
+            records.append(load_record(path))
+            paths.append(path)
+        except Mm27Error as exc:
+            problems.append(str(exc))
+    return records, paths, problems
+
+
+def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatch]) -> RunSummary:
+    summary = RunSummary()
+    summary.records, summary.paths, summary.failures = load_run(run_dir)
+    notes: dict[str, str] = {}
+    for record, path in zip(summary.records, summary.paths):
+        name = record["topology"]["name"]
+        match = baselines.get(name)
+        if match is not None and match.baseline is not None:
+            comparison = compare_records(match.baseline, record, cfg.tolerances or None,
+                                         max_error_rate=cfg.max_error_rate, baseline_path=match.path)
+            summary.comparisons[name] = comparison
+            summary.lines += comparison_lines(comparison, record)
+            if comparison.regressed:
+                summary.failures.append(comparison.summary())
+        else:
+            summary.lines += record_table(record)
+            if match is not None and match.note:
+                notes[name] = match.note
+                summary.lines.append(f"  {match.note}")
+        summary.lines.append(f"  record: {path}")
+        summary.lines.append("")
+
+    if cfg.save_baseline:
+        for record, path in zip(summary.records, summary.paths):
+            if record.get("status") != "complete":
+                summary.failures.append(f"not saving {path} as a baseline: run status is {record.get('status')!r}")
+                continue
+            name = cfg.save_baseline if isinstance(cfg.save_baseline, str) else None
+            if name and len(summary.records) > 1:
+                name = f"{record['topology']['name']}--{name}"
+            try:
+                saved = save_baseline(record, cfg.baselines_dir, name=name, force=cfg.force, source_path=path)
+                summary.lines.append(f"baseline saved: {saved}")
+            except Mm27Error as exc:
+                summary.failures.append(str(exc))
+
+    if cfg.report_md is not None or cfg.plots_dir is not None or cfg.pytest_benchmark_json is not None:
+        _reports(cfg, summary, notes, baselines)
+    return summary
+
+
+def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[str, str],
+             baselines: dict[str, BaselineMatch]) -> None:
+    try:
+        if cfg.report_md is not None or _step_summary_wanted():
+            text = markdown_report(summary.records, summary.comparisons, notes=notes)
+            for written in write_markdown(cfg.report_md, text):
+                summary.lines.append(f"report: {written}")
+        if cfg.plots_dir is not None:
+            base = {name: m.baseline for name, m in baselines.items() if m.baseline is not None}
+            for written in plot_records(summary.records, cfg.plots_dir, baselines=base,
+                                        comparisons=summary.comparisons):
+                summary.lines.append(f"plot: {written}")
+        if cfg.pytest_benchmark_json is not None:
+            written = export_pytest_benchmark(summary.records, cfg.pytest_benchmark_json)
+            summary.lines.append(f"pytest-benchmark export: {written}")
+    except PlotsUnavailable as exc:
+        summary.failures.append(str(exc))
+    except OSError as exc:
+        summary.failures.append(f"cannot write report: {exc}")
+
+
+def _step_summary_wanted() -> bool:
+    import os
+
+    return bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+
+
+__all__ = ["RunSummary", "finish_run", "load_baseline", "load_run"]
