@@ -36,14 +36,14 @@ from typing import Any, Literal
 from pytest_mm27.errors import Mm27Error
 
 __all__ = [
-    "Arch",
     "MODEL_FILES",
     "STAMP_NAME",
+    "Arch",
     "TinyModelError",
     "TinyModelSpec",
+    "main",
     "make_tiny_model",
     "read_stamp",
-    "main",
 ]
 
 Arch = Literal["llama", "qwen2moe"]
@@ -281,7 +281,7 @@ def builtin_corpus(n_lines: int = 3000, seed: int = 27) -> Iterator[str]:
 
 def _import_tokenizers() -> Any:
     try:
-        import tokenizers  # noqa: PLC0415 - optional, lives in the vLLM venv
+        import tokenizers
     except ImportError as exc:
         raise TinyModelError(
             "making a tiny model needs the 'tokenizers' library, which is not a dependency of"
@@ -301,7 +301,7 @@ def train_tokenizer_json(vocab_size: int) -> str:
     # Single-threaded training: same input, same merges, same file.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tk = _import_tokenizers()
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = tk.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
