@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .baseline import BaselineMatch, load_baseline, save_baseline
-from .benchmarks.interop import export_pytest_benchmark
+from .interop import export_pytest_benchmark
 from .compare import RecordComparison, compare_records, comparison_lines
 from .config import Mm27Config
 from .errors import Mm27Error

@@ -83,7 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mm27", "pytest-mm27: LLM-serving performance")
     for name, ini_type, help_text, extra in _OPTIONS:
         default = False if extra.get("action") == "store_true" else None
-        group.addoption(f"--{name.replace('_', '-')}", dest=f"mm27_{name}", default=default, help=help_text, **extra)
+        group.addoption(f"--{name.replace('_', '-')}", dest=f"mm27_{name}", default=default, help=help_text.replace("%", "%%"), **extra)
         parser.addini(f"mm27_{name}", help_text, type=ini_type, default=None)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.benchmarks.interop import (
+from pytest_mm27.interop import (
     benchmark_stats,
     export_pytest_benchmark,
     next_storage_path,
@@ -161,6 +161,6 @@ def test_export_loads_and_compares_with_pytest_benchmark(tmp_path: Path) -> None
 
 
 def test_export_refuses_nothing() -> None:
-    from pytest_mm27.benchmarks.interop import to_pytest_benchmark
+    from pytest_mm27.interop import to_pytest_benchmark
     with pytest.raises(ValueError, match="no run records"):
         to_pytest_benchmark([])
