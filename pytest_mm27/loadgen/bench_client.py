@@ -208,7 +208,8 @@ def run_external(name: str, argv: list[str], server: NullServer, c: int, tokens:
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        out = done.stdout + "\n" + done.stderr
     except subprocess.TimeoutExpired:
         out = ""
     wall = time.monotonic() - t0
@@ -339,9 +340,9 @@ def run_others(server: NullServer, levels: list[int], args) -> list[Row]:
             else:
                 # GuideLLM >= 0.8 CLI (kind=...,key=value options).
                 argv = [guidellm, "run", "--disable-console-interactive",
-                        "--backend", f"kind=openai_http,target={server.url},model=null",
+                        "--backend", f"kind=openai_http,target={server.url},model='null'",
                         "--profile", f"kind=concurrent,streams={c}",
-                        "--constraint", f"kind=max_requests,max_num={int(args.requests_per_c * c)}",
+                        "--constraint", f"kind=max_requests,count={int(args.requests_per_c * c)}",
                         "--data", f"kind=synthetic_text,prompt_tokens=128,output_tokens={args.output_tokens}",
                         "--tokenizer", f"kind=hf_auto,pretrained_model_name_or_path={tok}",
                         "--output", "kind=console"]
