@@ -132,6 +132,7 @@ class Mm27Config:
     max_error_rate: float = 0.0
     workers: int | None = None
     startup_timeout_s: float | None = None
+    level_timeout_s: float | None = None
     seed: int = 0
     trials: int = 1
     baseline: str | None = None             # "auto" or a path
@@ -216,6 +217,8 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         max_error_rate=_convert("mm27_max_error_rate", get("max_error_rate") or "0", parse_error_rate),
         workers=_convert("mm27_workers", workers, parse_positive_int) if workers else None,
         startup_timeout_s=_convert("mm27_startup_timeout", startup, parse_positive_float) if startup else None,
+        level_timeout_s=(_convert("mm27_level_timeout", get("level_timeout"), parse_positive_float)
+                         if get("level_timeout") else None),
         seed=int(get("seed") or 0),
         trials=_convert("mm27_trials", get("trials") or "1", parse_positive_int),
         baseline=_baseline_spec(get("baseline"), path),

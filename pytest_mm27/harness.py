@@ -227,7 +227,8 @@ class Harness:
                 if live.launcher is not None:
                     live.launcher.check_alive()
                 metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
-                                    api_key=self.cfg.api_key, workers=self.cfg.workers)
+                                    api_key=self.cfg.api_key, workers=self.cfg.workers,
+                                    level_timeout_s=self.cfg.level_timeout_s)
                 trials.append(metrics.to_dict())
                 if metrics.failed and metrics.ok == 0:
                     break       # nothing served: more trials would only repeat the failure

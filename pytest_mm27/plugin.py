@@ -59,6 +59,9 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
      {"type": parse_error_rate, "metavar": "RATE"}),
     ("workers", "string", "load generator processes per level (default: automatic)",
      {"type": parse_positive_int, "metavar": "N"}),
+    ("level_timeout", "string", "seconds one level may take before in-flight requests are cancelled "
+     "and counted as timed out (default: none; each request still has the workload's timeout)",
+     {"type": parse_positive_float, "metavar": "S"}),
     ("startup_timeout", "string", "override the topologies' startup timeout, seconds",
      {"type": parse_positive_float, "metavar": "S"}),
     ("seed", "string", "seed for the simulator and prompts (default 0)", {"type": int, "metavar": "N"}),
