@@ -247,7 +247,7 @@ def test_hang_after_stops_streams_mid_way(sim_factory):
 async def _closed_loop(url, concurrency, requests, prompt, output):
     sent = 0
     tokens = 0
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         async def worker():
             nonlocal sent, tokens
             while sent < requests:
