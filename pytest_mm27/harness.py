@@ -28,6 +28,7 @@ from .launcher import Launcher
 from .loadgen import run_level
 from .paths import catalog_dirs
 from .record import SCHEMA, SCHEMA_VERSION, RunRecord, git_commit, host_info, new_run_id
+from .telemetry import GpuSampler
 from .topology import Topology, load_catalog
 from .verdict import ERROR, FAIL, Verdict, judge_level
 from .workload import Workload, load_workloads
@@ -50,6 +51,7 @@ class LiveTopology:
     endpoints: tuple[str, ...] = ()
     model: str = ""
     failure: str | None = None      # once set, every later level of this topology errors with it
+    gpus: tuple[int, ...] = ()      # leased GPUs, sampled for telemetry during each level
     measured: list[int] = field(default_factory=list)
 
 
@@ -68,7 +70,18 @@ class Harness:
             host=cfg.host, api_key=cfg.api_key, vllm_command=cfg.vllm_command,
             sim_args=cfg.sim_args(), seed=cfg.seed,
         )
-        self.choices: dict[str, EngineChoice] = {t.name: self._choose(t) for t in self.topologies}
+        self.choices: dict[str, EngineChoice] = {}
+        # Topologies taken in by `--topology all` that no engine here can run
+        # (a CPU vLLM one without vLLM): left out with the reason, not fatal.
+        self.not_run: dict[str, str] = {}
+        for topology in self.topologies:
+            try:
+                self.choices[topology.name] = self._choose(topology)
+            except ConfigError as exc:
+                if "all" not in cfg.topologies:
+                    raise
+                self.not_run[topology.name] = str(exc)
+        self.topologies = [t for t in self.topologies if t.name in self.choices]
         self._live: LiveTopology | None = None
         self._records: dict[str, RunRecord] = {}
         self._git = git_commit(rootdir)
@@ -84,8 +97,12 @@ class Harness:
     def engine_line(self) -> str:
         reasons = list(dict.fromkeys(c.reason for c in self.choices.values()))
         if len(reasons) == 1:
-            return f"engine: {reasons[0]}"
-        return "engine: " + "; ".join(f"{name}: {c.reason}" for name, c in self.choices.items())
+            line = f"engine: {reasons[0]}"
+        else:
+            line = "engine: " + "; ".join(f"{name}: {c.reason}" for name, c in self.choices.items())
+        for name, why in self.not_run.items():
+            line += f"\nmm27: not run (no engine here can run it): {name}: {why}"
+        return line
 
     def levels_for(self, topology: Topology) -> tuple[int, ...]:
         return self.cfg.concurrency or topology.concurrency_levels
@@ -166,8 +183,13 @@ class Harness:
             devices = split_devices(topology, live.lease.devices)
             if kind == "gpu":
                 check_free_memory(live.lease.devices)
+                live.gpus = tuple(live.lease.devices)
                 leased = set(live.lease.devices)
                 record.data["hardware"]["gpus"] = [g.to_dict() for g in discover_gpus() if g.index in leased]
+        # A generated model ([model] make) is written now; the plan serves its folder.
+        topology = engine.prepare(topology, self.options)
+        if topology.model.make:
+            record.set("model_dir", topology.model.name)
         # Ports 0: the launcher picks free ones and retries once if one is taken meanwhile.
         plan = engine.plan(topology, self.options, (), devices)
         if self.cfg.startup_timeout_s:
@@ -226,10 +248,15 @@ class Harness:
             for _ in range(self.cfg.trials):
                 if live.launcher is not None:
                     live.launcher.check_alive()
-                metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
-                                    api_key=self.cfg.api_key, workers=self.cfg.workers,
-                                    level_timeout_s=self.cfg.level_timeout_s)
-                trials.append(metrics.to_dict())
+                with GpuSampler(live.gpus) as sampler:
+                    metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
+                                        api_key=self.cfg.api_key, workers=self.cfg.workers,
+                                        level_timeout_s=self.cfg.level_timeout_s)
+                trial = metrics.to_dict()
+                telemetry = sampler.summary(metrics.output_tokens)
+                if telemetry is not None:
+                    trial["gpu"] = telemetry
+                trials.append(trial)
                 if metrics.failed and metrics.ok == 0:
                     break       # nothing served: more trials would only repeat the failure
             if live.launcher is not None:

@@ -24,9 +24,17 @@ def _pct(metrics: Mapping[str, Any], key: str, pct: str) -> Any:
 COLUMNS = ("conc", "output tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "errors", "floor", "verdict")
 
 
+GPU_COLUMNS = ("power W", "J/tok")
+
+
+def _has_gpu(levels: Sequence[Mapping[str, Any]]) -> bool:
+    return any((lv.get("metrics") or {}).get("gpu", {}).get("energy_j") is not None for lv in levels)
+
+
 def level_rows(levels: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     measured = [lv for lv in levels if lv.get("metrics")]
     peak = max((lv["metrics"].get("output_tok_s") or 0.0 for lv in measured), default=None)
+    gpu = _has_gpu(levels)
     rows = []
     for lv in levels:
         m = lv.get("metrics") or {}
@@ -36,7 +44,7 @@ def level_rows(levels: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
         verdict = (lv.get("verdict") or {}).get("status", "-")
         if m.get("client_bound"):
             verdict += " (client-bound)"
-        rows.append((
+        row = (
             str(lv["concurrency"]),
             _fmt(tok_s) + mark,
             _fmt(_pct(m, "ttft_ms", "p50"), ",.0f", " ms"),
@@ -44,8 +52,11 @@ def level_rows(levels: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
             _fmt(_pct(m, "tpot_ms", "p50"), ",.1f", " ms"),
             errors,
             _fmt(lv.get("floor")),
-            verdict,
-        ))
+        )
+        if gpu:
+            telemetry = m.get("gpu") or {}
+            row += (_fmt(telemetry.get("power_w_mean")), _fmt(telemetry.get("j_per_output_token"), ".3f"))
+        rows.append((*row, verdict))
     return rows
 
 
@@ -68,7 +79,9 @@ def record_title(record: Mapping[str, Any]) -> str:
 
 def record_table(record: Mapping[str, Any]) -> list[str]:
     lines = [record_title(record)]
-    lines += ["  " + ln for ln in render_table(COLUMNS, level_rows(record.get("levels", [])))]
+    levels = record.get("levels", [])
+    columns = (*COLUMNS[:-1], *GPU_COLUMNS, COLUMNS[-1]) if _has_gpu(levels) else COLUMNS
+    lines += ["  " + ln for ln in render_table(columns, level_rows(levels))]
     if record.get("levels"):
         lines.append("  (* peak output tok/s)")
     for err in record.get("errors", []):
