@@ -278,6 +278,7 @@ class _Server:
     last_probe: str = "not probed yet"
     retried: bool = False
     family: dict[int, int] = field(default_factory=dict)    # pid -> start ticks, all ever seen
+    tmp_dir: Path | None = None         # the server's own TMPDIR (spec.private_tmp)
 
 
 class Launcher:
@@ -429,11 +430,18 @@ class Launcher:
     def _spawn(self, server: _Server, *, first: bool) -> None:
         spec = server.spec
         env = {**os.environ, **spec.env}
+        if spec.private_tmp:
+            if server.tmp_dir is None:
+                # Short, under the system temp folder: vLLM puts IPC sockets in
+                # TMPDIR and a socket path may not exceed 107 bytes.
+                server.tmp_dir = Path(tempfile.mkdtemp(prefix=f"mm27-{spec.name}-"))
+            env["TMPDIR"] = str(server.tmp_dir)
         header = [
             f"# mm27: server {spec.name} ({self.plan.engine} engine, topology {self.plan.topology.name})",
             f"# mm27: command: {spec.command_line()}",
             f"# mm27: env added: {json.dumps(spec.redacted_env(), sort_keys=True)}",
             f"# mm27: devices: {list(spec.gpus)}  url: {spec.base_url}",
+            *([f"# mm27: TMPDIR: {server.tmp_dir}"] if server.tmp_dir else []),
             f"# mm27: started {time.strftime('%Y-%m-%d %H:%M:%S')}",
         ]
         with server.log_path.open("w" if first else "a", encoding="utf-8") as fh:
@@ -691,12 +699,18 @@ class Launcher:
 
     def _clean_files(self) -> tuple[list[str], list[str]]:
         candidates: list[Path] = []
-        for name in sorted(_listdir(SHM_DIR) - self._shm_before):
-            if SHM_NAME_RE.match(name):
+        # Segments named after a vllm_dist_<hex> folder of one of our servers'
+        # own TMPDIRs are theirs, whenever they were made (TP=2 on CPU leaves
+        # /dev/shm/vllm_dist_<hex>-tp:... behind).
+        dist_names = tuple(p.name for s in self._servers if s.tmp_dir for p in s.tmp_dir.glob("vllm_dist_*"))
+        for name in sorted(_listdir(SHM_DIR)):
+            new_and_known = name not in self._shm_before and SHM_NAME_RE.match(name)
+            if new_and_known or (dist_names and name.startswith(dist_names)):
                 candidates.append(SHM_DIR / name)
         tmp = Path(tempfile.gettempdir())
         for name in sorted(_tmp_entries() - self._tmp_before):
             candidates.append(tmp / name)
+        candidates += [s.tmp_dir for s in self._servers if s.tmp_dir is not None and s.tmp_dir.exists()]
         candidates = [p for p in candidates if _owned_by_us(p)]
         if not candidates:
             return [], []

@@ -38,6 +38,7 @@ from pytest_mm27.errors import Mm27Error
 __all__ = [
     "MODEL_FILES",
     "STAMP_NAME",
+    "MAKERS",
     "Arch",
     "TinyModelError",
     "TinyModelSpec",
@@ -48,6 +49,10 @@ __all__ = [
 
 Arch = Literal["llama", "qwen2moe"]
 ARCHES: tuple[Arch, ...] = ("llama", "qwen2moe")
+
+#: Names a topology may give as ``[model] make = ...``, and the arch each makes
+#: (default parameters otherwise).
+MAKERS: dict[str, Arch] = {"tiny-llama": "llama", "tiny-qwen2moe": "qwen2moe"}
 
 #: Bump when the files written change for the same parameters.
 GENERATOR_VERSION = 1
@@ -342,6 +347,14 @@ def read_stamp(out_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return stamp if isinstance(stamp, dict) else None
+
+
+def is_complete(out_dir: Path, arch: Arch = "llama") -> bool:
+    """Whether ``out_dir`` holds a complete model of ``arch`` with default parameters.
+
+    Needs no ``tokenizers``: callers use it to skip a subprocess when cached.
+    """
+    return _is_complete(Path(out_dir), TinyModelSpec(arch=arch))
 
 
 def _is_complete(out_dir: Path, spec: TinyModelSpec) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from .datafile import Table, read_toml
 from .errors import ConfigError
+from .tinymodel import MAKERS
 
 DpMode = Literal["native", "replicas"]
 Device = Literal["cuda", "cpu"]
@@ -28,6 +29,10 @@ class ModelRef:
     quantization: str | None    # informational; the flag itself goes in serve.args
     spec: str | None            # simulator model spec (fixtures/models/<spec>.toml)
     dtype: str | None = None
+    # Generated, not downloaded: a pytest_mm27.tinymodel maker ("tiny-llama").
+    # Before booting vLLM the harness writes it into a cache folder and serves
+    # that folder in place of ``name``.
+    make: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,17 @@ def parse_topology(path: Path) -> Topology:
     startup_timeout_s = root.number("startup_timeout_s", 600.0, minimum=0.0, exclusive_min=True)
 
     model_t = root.table("model")
+    make = model_t.string("make", None)
+    if make is not None and make not in MAKERS:
+        raise model_t.error("make", f"unknown model maker {make!r} (known: {', '.join(sorted(MAKERS))})")
+    model_name = model_t.string("name", make) if make else model_t.string("name")
     model = ModelRef(
-        name=model_t.string("name"),
-        served_name=model_t.string("served_name", None) or model_t.string("name"),
+        name=model_name,
+        served_name=model_t.string("served_name", None) or model_name,
         quantization=model_t.string("quantization", None),
         spec=model_t.string("spec", None),
         dtype=model_t.string("dtype", None),
+        make=make,
     )
     model_t.finish()
 

@@ -77,6 +77,9 @@ class ServerSpec:
     base_url: str                   # "http://host:port"
     # Sent as a bearer token by the launcher's health probe; never printed.
     api_key: str | None = field(default=None, repr=False)
+    # The launcher gives the server a TMPDIR of its own and deletes it (and the
+    # /dev/shm segments named after vllm_dist_* folders in it) at teardown.
+    private_tmp: bool = False
 
     def __repr__(self) -> str:
         # Reprs end up in tracebacks and pytest failure output: keep them redacted.
@@ -114,6 +117,7 @@ class ServerSpec:
             "port": self.port,
             "gpus": list(self.gpus),
             "base_url": self.base_url,
+            "private_tmp": self.private_tmp,
         }
 
 
@@ -189,6 +193,8 @@ class Engine(Protocol):
     def version(self, options: EngineOptions) -> str: ...
 
     def available(self, options: EngineOptions, topology: Topology | None = None) -> tuple[bool, str]: ...
+
+    def prepare(self, topology: Topology, options: EngineOptions) -> Topology: ...
 
     def device_kind(self, topology: Topology) -> DeviceKind | None: ...
 

@@ -55,6 +55,9 @@ class SimEngine:
         except Exception:
             return __version__
 
+    def prepare(self, topology: Topology, options: EngineOptions) -> Topology:
+        return topology
+
     def device_kind(self, topology: Topology) -> DeviceKind | None:
         return None
 

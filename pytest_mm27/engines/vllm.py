@@ -11,13 +11,17 @@ from the topology data, never from here.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LaunchError
 from ..topology import Topology
 from .base import (
     DeviceKind,
@@ -33,9 +37,13 @@ from .base import (
 )
 
 VERSION_TIMEOUT_S = 180.0       # `vllm --version` imports torch; slow on a cold cache
+MAKE_MODEL_TIMEOUT_S = 300.0
+# So the vLLM interpreter imports this very checkout's tinymodel.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _VERSION_RE = re.compile(r"\b(\d+\.\d+(?:\.\d+)?(?:[.+\-][0-9A-Za-z.+\-]*)?)\b")
 
 _version_cache: dict[tuple[str, ...], str] = {}
+_version_error: dict[tuple[str, ...], str] = {}
 _found_cache: dict[tuple[str, ...], tuple[bool, str]] = {}
 
 
@@ -97,6 +105,81 @@ def cpu_bind(cores: Sequence[int], ranks: int) -> str:
     return "|".join(format_cores(cores[r * per:(r + 1) * per]) for r in range(ranks))
 
 
+def vllm_python(command: Sequence[str]) -> str:
+    """The Python interpreter of the environment vLLM's CLI runs in.
+
+    ``python -m vllm...`` -> that python; ``.../bin/vllm`` -> ``.../bin/python``
+    next to it (a venv's console script), else the script's ``#!`` line.
+    """
+    if not command:
+        raise ConfigError("the vLLM command is empty", field="--vllm")
+    exe = command[0]
+    path = exe if os.sep in exe else shutil.which(exe)
+    if not path:
+        raise ConfigError(f"cannot find the vLLM command {exe!r} on PATH", field="--vllm")
+    if len(command) >= 3 and command[1] == "-m":
+        return path
+    folder = Path(path).parent          # not resolved: a venv's python is a symlink out of it
+    for name in ("python", "python3"):
+        if os.access(folder / name, os.X_OK):
+            return str(folder / name)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(path, "rb") as fh:
+            first = fh.readline(512).decode()
+        if first.startswith("#!"):
+            interpreter = first[2:].strip().split()[0]
+            if os.access(interpreter, os.X_OK):
+                return interpreter
+    raise ConfigError(f"cannot tell which Python runs {path} (no python next to it, no #! line); "
+                      f"pass --vllm '/path/to/python -m vllm.entrypoints.cli.main'", field="--vllm")
+
+
+def model_cache_dir() -> Path:
+    """Where generated models live: $MM27_MODEL_CACHE, else the user cache folder."""
+    if os.environ.get("MM27_MODEL_CACHE"):
+        return Path(os.environ["MM27_MODEL_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pytest-mm27" / "models"
+
+
+def provision_model(topology: Topology, vllm_command: Sequence[str], cache_dir: Path | None = None) -> Topology:
+    """``topology`` with ``[model] make = ...`` generated and its folder as model.name.
+
+    The model is written by :mod:`pytest_mm27.tinymodel` with vLLM's own
+    interpreter (the ``tokenizers`` library lives there, not here), once: a
+    complete folder is reused, and a file lock keeps parallel runs from
+    writing it twice. Topologies without ``make`` come back unchanged.
+    """
+    from .. import tinymodel
+
+    make = topology.model.make
+    if not make:
+        return topology
+    arch = tinymodel.MAKERS[make]
+    folder = Path(cache_dir or model_cache_dir()) / make
+    if not tinymodel.is_complete(folder, arch):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f".{make}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not tinymodel.is_complete(folder, arch):
+                _make_model(folder, arch, vllm_python(vllm_command))
+    return dataclasses.replace(topology, model=dataclasses.replace(topology.model, name=str(folder)))
+
+
+def _make_model(folder: Path, arch: str, python: str) -> None:
+    argv = [python, "-m", "pytest_mm27.tinymodel", str(folder), "--arch", arch]
+    pythonpath = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=MAKE_MODEL_TIMEOUT_S, env={**os.environ, "PYTHONPATH": pythonpath})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"could not generate the model in {folder}: {exc}") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise LaunchError(f"could not generate the model in {folder} (exit code {proc.returncode}): "
+                          f"{' '.join(argv)}\n{tail}")
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -108,6 +191,9 @@ class VllmEngine:
         if topology is not None and "vllm" not in topology.engines:
             return False, f"topology {topology.name!r} does not run on vllm (engines = {list(topology.engines)})"
         version = self.version(options)
+        key = tuple(options.vllm_command)
+        if key in _version_error:
+            return False, _version_error[key]
         if topology is not None and topology.device == "cpu":
             cores = len(os.sched_getaffinity(0))
             if cores < topology.gpus:
@@ -132,10 +218,19 @@ class VllmEngine:
                                       text=True, timeout=VERSION_TIMEOUT_S)
                 if proc.returncode == 0:
                     version = parse_version(proc.stdout) or parse_version(proc.stderr)
-            except (OSError, subprocess.SubprocessError, ValueError):
-                pass
+                else:
+                    # Found but broken (an import error, a missing dist): say how.
+                    tail = "\n  ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+                    _version_error[key] = (f"vLLM is not runnable: `{' '.join(key)} --version` exited with code "
+                                           f"{proc.returncode}:\n  {tail}")
+            except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                _version_error[key] = f"vLLM is not runnable: `{' '.join(key)} --version` failed: {exc}"
             _version_cache[key] = version or "unknown"
         return _version_cache[key]
+
+    def prepare(self, topology: Topology, options: EngineOptions) -> Topology:
+        """Provision what the topology needs before it can boot (a generated model)."""
+        return provision_model(topology, options.vllm_command)
 
     def device_kind(self, topology: Topology) -> DeviceKind | None:
         return "cpu" if topology.device == "cpu" else "gpu"
@@ -181,6 +276,7 @@ class VllmEngine:
             servers.append(ServerSpec(
                 name=server_name(topology, i), argv=tuple(argv), env=env, host=options.host,
                 port=port, gpus=devs, base_url=make_base_url(options.host, port), api_key=options.api_key,
+                private_tmp=True,
             ))
         return LaunchPlan(
             topology=topology, engine=self.name, servers=tuple(servers),
