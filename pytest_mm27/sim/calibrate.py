@@ -9,9 +9,10 @@ every published point with a bounded Nelder-Mead search. The same constants
 serve every topology: there is no per-topology factor and no published point
 is looked up at prediction time. Writes ``fixtures/sim/calibration.toml``.
 
-``runtime_reserve_gib`` is not fitted on the curves: it follows from the
-published KV-cache size (810,000 tokens for NVFP4 at TP=4 and the topology's
-gpu_memory_utilization), as vLLM computes it: usable - weights - KV.
+``runtime_reserve_gib`` (per-GPU memory outside weights and KV) is fitted
+too, within bounds: the published KV-cache sizes (810k tokens NVFP4, 142k FP8
+at TP=4) contradict each other under one utilization, so they only serve as a
+cross-check (``reserve_from_kv_report``).
 """
 
 from __future__ import annotations
@@ -166,13 +167,15 @@ def fit(ref: dict[str, Any], topologies: Any, workload: Any, *, iters: int = 400
     return cal, rows
 
 
-def render(cal: Calibration, rows: list[tuple], workload_name: str) -> str:
+def render(cal: Calibration, rows: list[tuple], workload: Any) -> str:
     lines = [
         "# Written by `python -m pytest_mm27.sim.calibrate`; do not edit by hand.",
         "# Global efficiency constants of the simulator's step-time model",
         "# (pytest_mm27/sim/perf.py), fitted on every published point of",
         "# ../shared/reference/seed-measurements.toml with the request shape of the",
-        f"# '{workload_name}' workload. The same constants serve every topology.",
+        f"# '{workload.name}' workload ({workload.input_tokens} in / {workload.output_tokens} out, "
+        f"{workload.requests_per_concurrency:g} requests per concurrency slot).",
+        "# The same constants serve every topology.",
         "#",
         "# Fit quality (published -> predicted output tok/s):",
     ]
@@ -188,7 +191,7 @@ def render(cal: Calibration, rows: list[tuple], workload_name: str) -> str:
         "allreduce_bandwidth_efficiency": "achieved / hardware profile all-reduce bus bandwidth (prefill-heavy steps)",
         "allreduce_latency_factor": "achieved / hardware profile all-reduce call latency (decode steps)",
         "routing_skew": "Zipf exponent of expert popularity (0 = uniform top-k routing)",
-        "runtime_reserve_gib": "per GPU, outside weights and KV cache; from the published 810k KV tokens",
+        "runtime_reserve_gib": "per GPU, outside weights and KV cache (activations, CUDA graphs, NCCL)",
         "ingest_latency_ms": "request arrival -> visible to the scheduler (not fitted)",
         "max_num_batched_tokens": "vLLM V1 default token budget per step on >=70 GiB GPUs (not fitted)",
         "block_size": "KV-cache block, tokens (vLLM default, not fitted)",
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         from .specs import parse_calibration
         start = parse_calibration(args.out)
     cal, rows = fit(ref, topologies, workload, iters=args.iters, start=start)
-    text = render(cal, rows, args.workload)
+    text = render(cal, rows, workload)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(text)
