@@ -80,7 +80,7 @@ class Harness:
             except ConfigError as exc:
                 if "all" not in cfg.topologies:
                     raise
-                self.not_run[topology.name] = str(exc)
+                self.not_run[topology.name] = getattr(exc, "reason", str(exc))
         self.topologies = [t for t in self.topologies if t.name in self.choices]
         self._live: LiveTopology | None = None
         self._records: dict[str, RunRecord] = {}
@@ -100,8 +100,11 @@ class Harness:
             line = f"engine: {reasons[0]}"
         else:
             line = "engine: " + "; ".join(f"{name}: {c.reason}" for name, c in self.choices.items())
+        by_reason: dict[str, list[str]] = {}
         for name, why in self.not_run.items():
-            line += f"\nmm27: not run (no engine here can run it): {name}: {why}"
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            line += f"\nmm27: not run here: {', '.join(names)} ({why})"
         return line
 
     def levels_for(self, topology: Topology) -> tuple[int, ...]:

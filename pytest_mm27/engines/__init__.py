@@ -28,6 +28,7 @@ __all__ = [
     "REDACTED",
     "Engine",
     "EngineOptions",
+    "EngineUnavailable",
     "LaunchPlan",
     "ServerSpec",
     "SimEngine",
@@ -50,11 +51,25 @@ def get_engine(name: str) -> Engine:
     raise ConfigError(f"unknown engine {name!r} (known: vllm, sim)")
 
 
+class EngineUnavailable(ConfigError):
+    """No engine that the topology allows can run it here; ``reason`` says why,
+    without the topology's name (so several topologies can share one line)."""
+
+    def __init__(self, message: str, reason: str, **where: str | None):
+        super().__init__(message, **where)
+        self.reason = reason
+
+
+def _unavailable(topology: Topology, reason: str, *, field: str | None = None,
+                 message: str | None = None) -> EngineUnavailable:
+    return EngineUnavailable(message or f"topology {topology.name!r} {reason}", reason,
+                             source=None if message else str(topology.source), field=field)
+
+
 def _refuse_excluded(name: str, topology: Topology) -> None:
     if name not in topology.engines:
-        raise ConfigError(f"topology {topology.name!r} does not run on the {name} engine "
-                          f"(its engines = {list(topology.engines)})", source=str(topology.source),
-                          field="engines")
+        raise _unavailable(topology, f"does not run on the {name} engine (its engines = {list(topology.engines)})",
+                           field="engines")
 
 
 def select_engine(requested: str, topology: Topology, options: EngineOptions) -> tuple[Engine, str]:
@@ -73,13 +88,15 @@ def select_engine(requested: str, topology: Topology, options: EngineOptions) ->
         _refuse_excluded("sim", topology)
         ok, why = sim.available(options, topology)
         if not ok:
-            raise ConfigError(f"--engine sim cannot run topology {topology.name!r}: {why}")
+            raise _unavailable(topology, f"cannot run on --engine sim: {why}",
+                               message=f"--engine sim cannot run topology {topology.name!r}: {why}")
         return sim, "sim (requested with --engine sim)"
     if requested == "vllm":
         _refuse_excluded("vllm", topology)
         ok, why = vllm.available(options, topology)
         if not ok:
-            raise ConfigError(f"--engine vllm cannot run topology {topology.name!r}: {why}")
+            raise _unavailable(topology, f"cannot run on --engine vllm: {why}",
+                               message=f"--engine vllm cannot run topology {topology.name!r}: {why}")
         return vllm, f"vllm ({why})"
 
     # auto
@@ -88,13 +105,14 @@ def select_engine(requested: str, topology: Topology, options: EngineOptions) ->
         if ok:
             return vllm, f"vllm ({why})"
         if "sim" not in topology.engines:
-            raise ConfigError(f"topology {topology.name!r} runs only on vllm, which cannot run here: {why}",
-                              source=str(topology.source), field="engines")
+            raise _unavailable(topology, f"runs only on vllm, which cannot run here: {why}", field="engines")
         ok_sim, why_sim = sim.available(options, topology)
         if not ok_sim:
-            raise ConfigError(f"no engine can run topology {topology.name!r}: {why}; and sim: {why_sim}")
+            raise _unavailable(topology, f"cannot run on any engine here: vllm: {why}; sim: {why_sim}",
+                               message=f"no engine can run topology {topology.name!r}: {why}; and sim: {why_sim}")
         return sim, f"sim (no vLLM/GPUs found: {why}; pass --engine vllm to require real servers)"
     ok_sim, why_sim = sim.available(options, topology)
     if not ok_sim:
-        raise ConfigError(f"topology {topology.name!r} runs only on sim, which cannot run: {why_sim}")
+        raise _unavailable(topology, f"runs only on sim, which cannot run: {why_sim}",
+                           message=f"topology {topology.name!r} runs only on sim, which cannot run: {why_sim}")
     return sim, f"sim (topology {topology.name!r} runs only on the simulator)"
