@@ -36,9 +36,9 @@ from typing import Any, Literal
 from pytest_mm27.errors import Mm27Error
 
 __all__ = [
+    "MAKERS",
     "MODEL_FILES",
     "STAMP_NAME",
-    "MAKERS",
     "Arch",
     "TinyModelError",
     "TinyModelSpec",

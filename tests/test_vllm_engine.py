@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from pytest_mm27 import tinymodel
-from pytest_mm27.engines import EngineOptions, EngineUnavailable, VllmEngine, select_engine
+from pytest_mm27.engines import (
+    EngineOptions,
+    EngineUnavailable,
+    VllmEngine,
+    select_engine,
+)
 from pytest_mm27.engines import vllm as vllm_engine
 from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import ConfigError, LaunchError
@@ -207,8 +212,8 @@ def test_topology_all_leaves_out_what_cannot_run(pytester: pytest.Pytester):
     left out with the reason; the rest run on the simulator."""
     pytester.makepyfile(test_x="def test_throughput(mm27_level):\n    pass\n")
     result = pytester.runpytest_subprocess("--collect-only", "--vllm", "vllm-not-here-xyz", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["*not run here: tiny-dp2, tiny-dp2r, tiny-tp1, tiny-tp2 (runs only on vllm, which "
-                                 "cannot run here: vLLM not found: 'vllm-not-here-xyz' is not on PATH)*"])
+    result.stdout.fnmatch_lines([("*not run here: tiny-dp2, tiny-dp2r, tiny-tp1, tiny-tp2 (runs only on vllm, which "
+                                  "cannot run here: vLLM not found: 'vllm-not-here-xyz' is not on PATH)*")])
     assert "test_throughput[tiny" not in result.stdout.str()
     assert "test_throughput[dp3-c1]" in result.stdout.str()
     named = pytester.runpytest_subprocess("--collect-only", "-q", "--vllm", "vllm-not-here-xyz",

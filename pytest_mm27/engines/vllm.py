@@ -170,7 +170,7 @@ def _make_model(folder: Path, arch: str, python: str) -> None:
     argv = [python, "-m", "pytest_mm27.tinymodel", str(folder), "--arch", arch]
     pythonpath = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=MAKE_MODEL_TIMEOUT_S, env={**os.environ, "PYTHONPATH": pythonpath})
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LaunchError(f"could not generate the model in {folder}: {exc}") from None
