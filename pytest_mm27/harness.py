@@ -8,6 +8,7 @@ every level as soon as it is measured and tears everything down on close().
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -134,6 +135,9 @@ class Harness:
                         "concurrency_override": list(self.cfg.concurrency or ()),
                         "sim_faults": dict(self.cfg.sim_faults)},
             "launch": None,
+            # Under pytest-xdist each worker sweeps whole topologies; they may run side by side.
+            "parallel": {"xdist_worker": os.environ.get("PYTEST_XDIST_WORKER"),
+                         "xdist_workers": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)},
         }
 
     def record_for(self, topology: Topology) -> RunRecord:

@@ -29,6 +29,7 @@ from .verdict import ERROR, FAIL, INVALID
 HARNESS_KEY = pytest.StashKey[Harness]()
 ERROR_KEY = pytest.StashKey[str]()
 RUN_ID_INPUT = "mm27_run_id"
+LOADGROUP_INPUT = "mm27_loadgroup"
 
 # (option name, ini type, help, argparse extras). The ini key is "mm27_" + name.
 _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
@@ -114,7 +115,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     try:
         cfg = build_config(_getter(config), Path(config.rootpath))
-        run_id = getattr(config, "workerinput", {}).get(RUN_ID_INPUT)
+        workerinput = getattr(config, "workerinput", {})
+        run_id = workerinput.get(RUN_ID_INPUT)
+        if workerinput.get(LOADGROUP_INPUT):
+            config.option.loadgroup = True      # read by xdist's worker when it names items
         harness = Harness(cfg, Path(config.rootpath), run_id=run_id)
     except Mm27Error as exc:
         raise pytest.UsageError(f"pytest-mm27: {exc}") from None
@@ -122,6 +126,10 @@ def pytest_configure(config: pytest.Config) -> None:
     _interrupt_on_sigterm()
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(harness), "mm27-xdist")
+        # `-n N` alone means --dist load, which would spread one topology's levels over
+        # workers (booting it N times on the same GPUs); loadgroup keeps each on one worker.
+        if getattr(config.option, "dist", None) == "load":
+            config.option.dist = "loadgroup"
 
 
 def _interrupt_on_sigterm() -> None:
@@ -146,6 +154,7 @@ class _XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[RUN_ID_INPUT] = self.harness.run_id
+        node.workerinput[LOADGROUP_INPUT] = node.config.option.dist == "loadgroup"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
@@ -177,6 +186,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
 
 
+@pytest.hookimpl(tryfirst=True)     # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run each topology's levels together and in order, so it boots once."""
     harness = config.stash.get(HARNESS_KEY, None)

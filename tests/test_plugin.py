@@ -188,3 +188,21 @@ def test_ini_twins(no_leftovers):
 def test_help_lists_options(pytester):
     result = pytester.runpytest_subprocess("--help")
     result.stdout.fnmatch_lines(["*pytest-mm27*", "*--topology=NAME*", "*--engine=ENGINE*", "*mm27_topology*"])
+
+
+def test_xdist_runs_each_topology_on_one_worker(no_leftovers):
+    pytester = no_leftovers
+    setup(pytester, name="ta", levels="[1, 2]")
+    (pytester.path / "topologies" / "tb.toml").write_text(
+        TOPOLOGY.format(name="tb", levels="[1, 2]", dp=1, mode="native"))
+    result = run(pytester, "--topology", "ta,tb", "-n", "2", "-v")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*LoadGroupScheduling*"])
+    recs = {r["topology"]["name"]: r for r in records(pytester)}
+    assert set(recs) == {"ta", "tb"}
+    for rec in recs.values():
+        assert rec["status"] == "complete" and [lv["concurrency"] for lv in rec["levels"]] == [1, 2]
+        assert rec["parallel"]["xdist_workers"] == 2
+    assert {r["parallel"]["xdist_worker"] for r in recs.values()} == {"gw0", "gw1"}
+    # the controller prints both tables from the records the workers wrote
+    result.stdout.fnmatch_lines(["*ta (TP=2 x DP=2 replicas)*", "*tb (TP=2 x DP=1 native)*"])
