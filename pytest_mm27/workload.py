@@ -32,6 +32,18 @@ class Workload:
     temperature: float
     request_timeout_s: float    # one request, first byte to last
     seed: int
+    # No byte for this long (after the request was sent, or after the last
+    # chunk) fails the request as "stalled"; None: derived, see stall_limit_s.
+    stall_timeout_s: float | None = None
+
+    @property
+    def stall_limit_s(self) -> float:
+        """The stall timeout in force: the field, else a quarter of the request
+        timeout but at least 60 s (a queued request may wait long for its first
+        token), never more than the request timeout."""
+        if self.stall_timeout_s is not None:
+            return min(self.stall_timeout_s, self.request_timeout_s)
+        return min(self.request_timeout_s, max(60.0, self.request_timeout_s / 4))
 
     def requests_for(self, concurrency: int) -> int:
         return max(self.min_requests, math.ceil(self.requests_per_concurrency * concurrency))
@@ -59,6 +71,7 @@ def parse_workload(path: Path) -> Workload:
         temperature=t.number("temperature", 0.0, minimum=0.0),
         request_timeout_s=t.number("request_timeout_s", 600.0, minimum=0.0, exclusive_min=True),
         seed=t.integer("seed", 0, minimum=0),
+        stall_timeout_s=t.number("stall_timeout_s", None, minimum=0.0, exclusive_min=True),
     )
     t.finish()
     return workload

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pytest_mm27.errors import LoadError
 from pytest_mm27.loadgen import LevelMetrics, Percentiles, RequestRecord, run_level
-from pytest_mm27.loadgen.client import LeastOutstanding
+from pytest_mm27.loadgen.client import LEVEL_TIMEOUT_REASON, LeastOutstanding
 from pytest_mm27.loadgen.metrics import (
     SelfMeasurement,
     compute_level_metrics,
@@ -296,7 +296,7 @@ def test_request_timeout_on_hanging_server(serve):
     t = time.monotonic()
     m = run_level([srv.url], "m", make_workload(request_timeout_s=0.5, min_requests=2), 2)
     assert time.monotonic() - t < 20
-    assert m.errors == {"timeout": 2} and m.ok == 0
+    assert m.errors == {"timeout: not done within 0.5 s": 2} and m.ok == 0
 
 
 def test_level_timeout_cancels_in_flight(serve):
@@ -305,7 +305,7 @@ def test_level_timeout_cancels_in_flight(serve):
     m = run_level([srv.url], "m", make_workload(request_timeout_s=600, min_requests=6), 3, level_timeout_s=1.0)
     assert time.monotonic() - t < 20
     assert m.timed_out is True
-    assert m.errors == {"timeout": 3}   # the three in flight; the rest were never sent
+    assert m.errors == {LEVEL_TIMEOUT_REASON: 3}   # the three in flight; the rest were never sent
     assert m.requests == 3
 
 

@@ -148,26 +148,62 @@ def _connect_reason(exc: BaseException) -> str:
     return f"connection error: {str(exc)[:150]}"
 
 
+def stall_reason(stall_s: float) -> str:
+    return f"stalled: no data for {stall_s:g} s"
+
+
+def timeout_reason(timeout_s: float) -> str:
+    return f"timeout: not done within {timeout_s:g} s"
+
+
+LEVEL_TIMEOUT_REASON = "level timeout: still in flight when the level's time ran out"
+
+
 async def do_request(
-    session: aiohttp.ClientSession, url: str, body: bytes, rec: RequestRecord, timeout_s: float
+    session: aiohttp.ClientSession, url: str, body: bytes, rec: RequestRecord, timeout_s: float,
+    stall_s: float | None = None,
 ) -> None:
-    """Send one streaming request, filling ``rec`` (never raises for server faults)."""
+    """Send one streaming request, filling ``rec`` (never raises for server faults).
+
+    ``timeout_s`` bounds the whole request; ``stall_s`` bounds each silence: no
+    byte (headers or body) for that long after the request was sent or after
+    the last read fails it as stalled, so a hung server ends a level in
+    bounded time. The stall deadline is pushed forward at most once per
+    ``slack`` seconds (cheap on the hot path); a request fails after between
+    ``stall_s`` and ``stall_s + slack`` seconds of silence.
+    """
     got_headers = False
     parser = SSEParser()
+    loop = asyncio.get_running_loop()
+    overall = loop.time() + timeout_s
+    stall = stall_s if stall_s is not None and stall_s < timeout_s else None
+    slack = min(1.0, stall * 0.1) if stall else 0.0
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(overall if stall is None else min(overall, loop.time() + stall + slack)) as cm:
             async with session.post(url, data=body) as resp:
                 got_headers = True
+                if stall is not None:
+                    cm.reschedule(min(overall, loop.time() + stall + slack))
                 if resp.status != 200:
                     text = await resp.content.read(4096)
                     rec.error = f"HTTP {resp.status}: {_clean(text)}"
                     return
                 feed = parser.feed
-                async for data in resp.content.iter_any():
-                    feed(data, monotonic())
+                if stall is None:
+                    async for data in resp.content.iter_any():
+                        feed(data, monotonic())
+                else:
+                    when = cm.when()
+                    async for data in resp.content.iter_any():
+                        feed(data, monotonic())
+                        now = loop.time()
+                        if now + stall > when and when < overall:   # type: ignore[operator]
+                            when = min(overall, now + stall + slack)
+                            cm.reschedule(when)
                 parser.finish()
     except TimeoutError:
-        rec.error = "timeout"
+        stalled = stall is not None and loop.time() < overall - 0.01
+        rec.error = stall_reason(stall) if stalled else timeout_reason(timeout_s)  # type: ignore[arg-type]
         return
     except StreamError as e:
         rec.error = str(e)
@@ -224,6 +260,7 @@ async def closed_loop(
     picker: Picker,
     *,
     timeout_s: float,
+    stall_s: float | None = None,
     deadline: float | None = None,
     worker: int = 0,
     measure: bool = True,
@@ -245,7 +282,7 @@ async def closed_loop(
                 ramp = False
                 inflight[idx] = rec
                 rec.sent = monotonic()
-                await do_request(session, urls[ep], body, rec, timeout_s)
+                await do_request(session, urls[ep], body, rec, timeout_s, stall_s)
                 rec.end = slot_free = monotonic()
             finally:
                 picker.release(ep)
@@ -283,7 +320,7 @@ async def closed_loop(
             tick.cancel()
     now = monotonic()
     for rec in inflight.values():  # cancelled by the level timeout
-        rec.error = "timeout"
+        rec.error = LEVEL_TIMEOUT_REASON
         rec.ok = False
         rec.end = now
         records.append(rec)

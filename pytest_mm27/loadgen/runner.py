@@ -229,7 +229,8 @@ async def _warmup(session, plan: _Plan, factory: RequestFactory, deadline: float
         session, plan.endpoints, factory, min(plan.concurrency, n),
         lambda: (None if (i := claimer.claim()) is None else offset + i),
         LeastOutstanding(len(plan.endpoints)),
-        timeout_s=plan.workload.request_timeout_s, deadline=deadline, measure=False,
+        timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
+        deadline=deadline, measure=False,
     )
 
 
@@ -244,7 +245,7 @@ async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics
         result = await closed_loop(
             session, plan.endpoints, factory, plan.concurrency,
             CountClaimer(plan.total, stop_at).claim, LeastOutstanding(len(plan.endpoints)),
-            timeout_s=plan.workload.request_timeout_s, deadline=deadline,
+            timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s, deadline=deadline,
         )
         expect = sum(r.output_tokens for r in result.records if r.ok)
         server = await server_delta(session, plan.endpoints, before, expect)
@@ -301,7 +302,8 @@ async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | 
         result = await closed_loop(
             session, plan.endpoints, factory, slots,
             lambda: None if (i := claimer.claim()) is None else base + i, picker,
-            timeout_s=plan.workload.request_timeout_s, deadline=deadline, worker=worker,
+            timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
+            deadline=deadline, worker=worker,
         )
     shift_records(result.records, offset - epoch)
     sm = SelfMeasurement(worker, result.cpu_s, result.wall_s, result.loop_lag_ms)
