@@ -23,6 +23,7 @@ ENGINE_CHOICES = ("auto", "vllm", "sim", "endpoint")
 # Simulator fault knobs a user may set with --sim-fault NAME=VALUE.
 SIM_FAULTS: Mapping[str, Callable[[str], float | int]] = MappingProxyType({
     "slowdown": float, "error-rate": float, "crash-after": int, "hang-after": int, "startup-delay": float,
+    "startup-crash": float, "malformed-sse-rate": float, "cut-stream-rate": float,
 })
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from .config import (
-    Mm27Config, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
+    SIM_FAULTS, Mm27Config, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
     parse_positive_float, parse_positive_int, parse_sim_fault,
 )
 from .compare import parse_tolerances
@@ -54,8 +54,8 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("api_key", "string", "API key passed to servers we boot and sent by the client; env MM27_API_KEY",
      {"metavar": "KEY"}),
     ("host", "string", "address servers bind to (default 127.0.0.1)", {"metavar": "HOST"}),
-    ("sim_fault", "linelist", "simulator fault knob NAME=VALUE: slowdown, error-rate, crash-after, "
-     "hang-after, startup-delay (repeatable)", {"action": "append", "type": parse_sim_fault, "metavar": "KNOB"}),
+    ("sim_fault", "linelist", f"simulator fault knob NAME=VALUE: {', '.join(SIM_FAULTS)} (repeatable)",
+     {"action": "append", "type": parse_sim_fault, "metavar": "KNOB"}),
     ("max_error_rate", "string", "fraction of failed requests that fails a level (default 0)",
      {"type": parse_error_rate, "metavar": "RATE"}),
     ("workers", "string", "load generator processes per level (default: automatic)",

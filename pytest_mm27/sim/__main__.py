@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hang-after", type=_positive_int, default=None,
                    help="from request N on, streams stop mid-stream and never finish")
     s.add_argument("--startup-delay", type=float, default=0.0, help="seconds /health answers 503")
+    s.add_argument("--malformed-sse-rate", type=_fraction, default=0.0,
+                   help="fraction of streams that send a broken SSE event halfway (then [DONE])")
+    s.add_argument("--cut-stream-rate", type=_fraction, default=0.0,
+                   help="fraction of streams whose connection is dropped halfway, without [DONE]")
+    s.add_argument("--startup-crash", type=float, default=None,
+                   help="exit(3) this many seconds after start, before becoming healthy")
     s.add_argument("--fixtures-dir", type=Path, action="append", default=None,
                    help="extra fixtures/ root searched first (repeatable)")
 
@@ -109,7 +115,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       args.max_num_seqs, args.gpu_memory_utilization, args.max_model_len,
                       slowdown=args.slowdown, extra_dirs=args.fixtures_dir)
     faults = Faults(slowdown=args.slowdown, error_rate=args.error_rate, crash_after=args.crash_after,
-                    hang_after=args.hang_after, startup_delay=args.startup_delay)
+                    hang_after=args.hang_after, startup_delay=args.startup_delay,
+                    malformed_sse_rate=args.malformed_sse_rate, cut_stream_rate=args.cut_stream_rate,
+                    startup_crash=args.startup_crash)
     serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
     return 0
 

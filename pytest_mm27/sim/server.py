@@ -43,6 +43,9 @@ class Faults:
     crash_after: int | None = None
     hang_after: int | None = None
     startup_delay: float = 0.0
+    malformed_sse_rate: float = 0.0     # share of streams that get a broken SSE event mid-stream
+    cut_stream_rate: float = 0.0        # share of streams whose connection is dropped mid-stream
+    startup_crash: float | None = None  # exit(3) this many seconds into start-up, before healthy
 
 
 class Histogram:
@@ -157,8 +160,17 @@ class SimServer:
     async def _start(self, app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         self._ready_at = loop.time() + self.faults.startup_delay
+        if self.faults.startup_crash is not None:
+            self._ready_at = float("inf")       # never healthy: it dies during start-up
         self._wake = [asyncio.Event() for _ in self.engines]
         self._tasks = [asyncio.create_task(self._run_engine(e)) for e in self.engines]
+        if self.faults.startup_crash is not None:
+            loop.call_later(self.faults.startup_crash, self._crash_at_start)
+
+    def _crash_at_start(self) -> None:
+        print(f"sim: --startup-crash {self.faults.startup_crash:g}: exiting during start-up "
+              "(simulated failure to load the model)", file=sys.stderr, flush=True)
+        os._exit(3)
 
     async def _stop(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -317,11 +329,18 @@ class SimServer:
         hang_at = None
         if f.hang_after is not None and index >= f.hang_after:
             hang_at = max(1, max_tokens // 2)
+        # Stream faults are drawn per request (seeded), only when asked for, so
+        # the draws of --error-rate stay what they were without them.
+        broken = None
+        if f.malformed_sse_rate > 0 and self._rng.random() < f.malformed_sse_rate:
+            broken = "malformed"
+        elif f.cut_stream_rate > 0 and self._rng.random() < f.cut_stream_rate:
+            broken = "cut"
         try:
             if body.get("stream"):
                 opts = body.get("stream_options") or {}
                 return await self._stream(request, eng, seq, stream, chat, bool(opts.get("include_usage")),
-                                          hang_at)
+                                          hang_at, broken)
             return await self._whole(eng, seq, stream, chat, hang_at)
         finally:
             if not seq.done:
@@ -355,7 +374,8 @@ class SimServer:
             "usage": usage})
 
     async def _stream(self, request: web.Request, eng: Engine, seq: Seq, stream: Stream, chat: bool,
-                      include_usage: bool, hang_at: int | None) -> web.StreamResponse:
+                      include_usage: bool, hang_at: int | None,
+                      broken: str | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -381,11 +401,24 @@ class SimServer:
             usage_head = (f'data: {{"id":"cmpl-{rid}","object":"text_completion","created":{created},'
                           f'"model":{model},"choices":[],"usage":')
         sent = 0
+        # A broken stream goes wrong halfway, after some good tokens.
+        break_at = max(1, seq.max_tokens // 2) if broken else None
         try:
             while True:
                 ready = stream.ready
+                if break_at is not None and sent >= break_at:
+                    eng.abort(seq)
+                    if broken == "malformed":
+                        await resp.write(b'data: {"id":"broken","choices":[{"index":0,"text":" tok"\n\n')
+                        await resp.write(b"data: [DONE]\n\n")
+                        await resp.write_eof()
+                    elif request.transport is not None:
+                        request.transport.close()       # drop the connection mid-body
+                    return resp
                 if hang_at is not None and ready >= hang_at:
                     ready = hang_at
+                if break_at is not None and ready > break_at:
+                    ready = break_at
                 if ready == sent:
                     if hang_at is not None and sent >= hang_at:
                         eng.abort(seq)
@@ -428,4 +461,7 @@ def serve(setup: SimSetup, served_model_name: str, host: str, port: int, *, api_
     print(f"sim: {served_model_name} ({setup.model.name}) on {setup.hardware.name}, TP={setup.tp} DP={setup.dp}, "
           f"max_num_seqs={setup.max_num_seqs}, max_model_len={setup.max_model_len}; {fit.reason}", flush=True)
     print(f"sim: serving on http://{host}:{port}", flush=True)
-    web.run_app(server.app(), host=host, port=port, access_log=None, print=None, handler_cancellation=True)
+    # shutdown_timeout: on SIGTERM, streams that hang (--hang-after) are cut after
+    # one second instead of aiohttp's default minute, so teardown stays quick.
+    web.run_app(server.app(), host=host, port=port, access_log=None, print=None, handler_cancellation=True,
+                shutdown_timeout=1.0)
