@@ -1,0 +1,62 @@
+"""The nightly gate end to end: save a baseline, compare against it, catch a slowdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_plugin import records, run, setup
+
+
+def test_save_compare_and_catch_a_slowdown(no_leftovers):
+    pytester = no_leftovers
+    setup(pytester, levels="[2, 8]")
+    common = ("--topology", "tiny", "--trials", "2")
+
+    run(pytester, *common, "--save-baseline").assert_outcomes(passed=2)
+    [baseline] = list(pytester.path.glob("results/baselines/sim-rtx-pro-6000/tiny--quick.json"))
+    saved = json.loads(baseline.read_text())
+    assert saved["baseline"]["key"] == {"profile": "sim-rtx-pro-6000", "topology": "tiny", "workload": "quick"}
+    assert all(len(lv["trials"]) == 2 for lv in saved["levels"])
+
+    # Never overwritten implicitly.
+    result = run(pytester, *common, "--concurrency", "2", "--save-baseline")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*already exists*--force*"])
+    assert json.loads(baseline.read_text())["created_at"] == saved["created_at"]
+
+    result = run(pytester, *common, "--baseline", "auto", "--report-md", "report.md")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*vs baseline *tiny--quick.json*"])
+
+    result = run(pytester, *common, "--baseline", "auto", "--sim-fault", "slowdown=1.6",
+                 "--report-md", "slow.md")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*output_tok_s regressed at c=*baseline*now*tolerance 5%*noise band*"])
+    report = (pytester.path / "slow.md").read_text()
+    assert "regressed" in report and "tiny" in report
+    assert records(pytester)[-1]["levels"][0]["comparison"]["status"] == "regressed"
+
+
+def test_baseline_mismatch_is_an_error_before_booting(pytester):
+    setup(pytester, levels="[2]")
+    other = pytester.path / "other.json"
+    other.write_text(json.dumps({
+        "schema": "pytest-mm27/run-record", "schema_version": 1,
+        "hardware": {"profile": "h100-sxm", "simulated": False}, "topology": {"name": "tiny"},
+        "workload": {"name": "quick"}, "engine": {"name": "vllm"},
+        "levels": [{"concurrency": 2, "metrics": {"output_tok_s": 1.0}, "trials": [{"output_tok_s": 1.0}]}],
+    }))
+    result = run(pytester, "--topology", "tiny", "--baseline", str(other))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*other.json*hardware profile*h100-sxm*"])
+    assert not list(pytester.path.glob("results/runs/*/*.json"))
+
+
+def test_corrupt_baseline_names_the_file(pytester):
+    setup(pytester, levels="[2]")
+    (pytester.path / "bad.json").write_text('{"schema": "pytest-mm27/run-record", "schema_')
+    result = run(pytester, "--topology", "tiny", "--baseline", "bad.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*bad.json*not valid JSON*"])
