@@ -28,7 +28,9 @@ from .gpus import check_free_memory, discover_gpus, lease_devices
 from .launcher import Launcher
 from .loadgen import run_level
 from .paths import catalog_dirs
-from .record import SCHEMA, SCHEMA_VERSION, RunRecord, git_commit, host_info, new_run_id
+from .record import (
+    SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, host_info, new_run_id,
+)
 from .telemetry import GpuSampler
 from .topology import Topology, load_catalog
 from .verdict import ERROR, FAIL, Verdict, judge_level
@@ -62,6 +64,8 @@ class Harness:
         self.rootdir = rootdir
         self.run_id = run_id or new_run_id()
         self.run_dir = cfg.results_dir / "runs" / self.run_id
+        add_secret(cfg.api_key)                 # never written to records, baselines or reports
+        check_writable_dir(cfg.results_dir)     # a bad --results-dir fails now, before anything boots
         topo_catalog = load_catalog([*cfg.topology_dirs, *catalog_dirs("topologies")])
         self.topologies: list[Topology] = topo_catalog.select(cfg.topologies)
         self.workload: Workload = load_workloads([*cfg.workload_dirs, *catalog_dirs("workloads")]).get(cfg.workload)
@@ -214,7 +218,7 @@ class Harness:
         live.endpoints = live.launcher.endpoints
         live.model = live.plan.model
 
-    def stop_live(self) -> None:
+    def stop_live(self, status: str | None = None) -> None:
         live, self._live = self._live, None
         if live is None:
             return
@@ -227,14 +231,15 @@ class Harness:
         finally:
             if live.lease is not None:
                 live.lease.release()
-            status = "failed" if live.failure else "complete"
+            status = status or ("failed" if live.failure else "complete")
             live.record.finish(status)
 
     def close(self, interrupted: bool = False) -> None:
         live = self._live
         if live and interrupted:
             live.failure = live.failure or "interrupted"
-        self.stop_live()
+            live.record.add_error("interrupted (Ctrl-C or SIGTERM) before the sweep finished")
+        self.stop_live("interrupted" if interrupted else None)
         for record in self._records.values():
             if record.data["status"] == "running":
                 record.finish("interrupted" if interrupted else "incomplete")
@@ -272,8 +277,12 @@ class Harness:
             message = f"{topology.name} c={concurrency}: {exc}"
             live.failure = message
             live.record.add_error(str(exc), concurrency=concurrency)
-            verdict = Verdict(ERROR, (message,))
-            entry |= {"metrics": median_trial(trials), "trials": trials, "verdict": verdict.to_dict()}
+            # A server died mid-level (one replica of several, say): the failed
+            # requests it caused come first, then which server died and how.
+            data = median_trial(trials)
+            counted = judge_level(data, floor, self.cfg.max_error_rate).problems if data else ()
+            verdict = Verdict(ERROR, (*counted, message))
+            entry |= {"metrics": data, "trials": trials, "verdict": verdict.to_dict()}
             live.record.add_level(entry)
             return entry, verdict
         data = median_trial(trials)

@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import tempfile
@@ -22,6 +23,69 @@ from .errors import Mm27Error
 
 SCHEMA = "pytest-mm27/run-record"
 SCHEMA_VERSION = 1
+
+# --- secrets ---------------------------------------------------------------
+#
+# Records, baselines and reports must never hold a secret. Two nets catch them:
+# values under keys (or env names) that look secret are masked, and any string
+# holding a known secret value (the API key, the value of a secret-looking
+# environment variable such as HF_TOKEN) has it masked wherever it appears,
+# e.g. inside an error message that quotes a command line.
+
+REDACTED = "***"
+# A name is secret when one of its words (split on _ - . and case changes) is one of these.
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential",
+                           "credentials", "auth", "authorization"})
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z])(?=[A-Z])")
+# Shorter values are too likely to occur by chance ("1", "true") to mask everywhere.
+MIN_SECRET_LEN = 6
+_known_secrets: set[str] = set()
+
+
+def is_secret_name(name: str) -> bool:
+    """``HF_TOKEN``, ``api_key``, ``--api-key``, ``x-auth-token`` yes; ``output_tokens``, ``keyfile``
+    and a bare ``key`` (a baseline's lookup key) no."""
+    words = [w.lower() for w in _WORD_SPLIT.split(name) if w]
+    if words == ["key"]:
+        return False
+    return any(word in _SECRET_WORDS for word in words)
+
+
+def add_secret(value: str | None) -> None:
+    """Remember a secret value (e.g. the --api-key given) so no record ever shows it."""
+    if value and len(value) >= MIN_SECRET_LEN:
+        _known_secrets.add(value)
+
+
+def known_secrets() -> list[str]:
+    """Registered secrets plus the values of secret-looking environment variables, longest first."""
+    found = set(_known_secrets)
+    for name, value in os.environ.items():
+        if value and len(value) >= MIN_SECRET_LEN and is_secret_name(name):
+            found.add(value)
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(data: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of ``data`` (JSON-like) with secrets masked (see the note above)."""
+    secrets = known_secrets() if secrets is None else secrets
+
+    def text(value: str) -> str:
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    def walk(value: Any, secret_key: bool) -> Any:
+        if isinstance(value, str):
+            return REDACTED if secret_key and value else text(value)
+        if isinstance(value, Mapping):
+            return {k: walk(v, secret_key or (isinstance(k, str) and is_secret_name(k))) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, secret_key) for v in value]
+        return value
+
+    return walk(data, False)
 
 
 def now_iso() -> str:
@@ -49,8 +113,26 @@ def host_info() -> dict[str, Any]:
     }
 
 
+def check_writable_dir(path: Path, what: str = "results folder") -> None:
+    """Create ``path`` if needed and prove a file can be written there; raise Mm27Error naming it.
+
+    Run before anything boots, so a bad --results-dir stops the run at once
+    (the permission bits alone prove nothing when running as root).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mm27-write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = exc.filename if isinstance(exc.filename, str) and exc.filename != str(path) else None
+        detail = f"{exc.strerror or exc}" + (f" ({where})" if where else "")
+        raise Mm27Error(f"cannot write to the {what} {path}: {detail}") from exc
+
+
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` so that ``path`` holds either the old or the new file, never a torn one."""
+    data = redact(data)         # every JSON file we write: records, baselines, exports
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
