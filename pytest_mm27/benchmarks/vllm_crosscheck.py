@@ -1,0 +1,176 @@
+"""Cross-check: our load generator vs ``vllm bench serve`` on one real server.
+
+Boots one tiny TP=1 vLLM server (the CPU build; ``tiny-tp1`` from the
+catalog) through our launcher, then on that same running server measures,
+at each concurrency, output tok/s and TPOT with pytest-mm27's client and with
+vLLM's own benchmark client, using the same request shape (random prompts of
+the same length, the same output length, ignore_eos, the same number of
+prompts, one untimed warm-up request each), prints the two side by side
+with the difference, and tears the server down::
+
+    python -m pytest_mm27.benchmarks.vllm_crosscheck [--vllm CMD] [--concurrency 8,32]
+
+Both sides define output tok/s as output tokens (server usage) over the wall
+time from the first request sent to the last one finished, and TPOT per
+request as (E2EL - TTFT) / (output tokens - 1); see DESIGN.md. The rounds
+alternate (ours, theirs, ours, theirs...) so drift on a busy machine hits
+both clients alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import parse_concurrency
+from ..engines import EngineOptions, VllmEngine
+from ..engines.base import split_devices
+from ..engines.vllm import provision_model
+from ..gpus import lease_devices
+from ..launcher import Launcher
+from ..loadgen import run_level
+from ..paths import catalog_dirs
+from ..topology import load_catalog
+from ..workload import load_workloads
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_TIMEOUT_S = 900
+
+
+def default_vllm() -> str:
+    if os.environ.get("MM27_VLLM"):
+        return os.environ["MM27_VLLM"]
+    venv = REPO / ".venv-vllm" / "bin" / "vllm"
+    return str(venv) if venv.exists() else "vllm"
+
+
+def ours(url: str, model: str, workload: Any, concurrency: int) -> dict[str, float]:
+    m = run_level([url], model, workload, concurrency)
+    if m.failed:
+        print(f"warning: pytest-mm27 client: {m.failed} request(s) failed at c={concurrency}: {m.errors}",
+              file=sys.stderr)
+    return {"failed": m.failed, "output_tok_s": m.output_tok_s, "tpot_p50_ms": m.tpot_ms.p50, "tpot_mean_ms": m.tpot_ms.mean,
+            "ttft_p50_ms": m.ttft_ms.p50, "prompt_tokens": m.prompt_tokens / m.ok,
+            "output_tokens": m.output_tokens / m.ok, "requests": m.ok, "duration_s": m.duration_s}
+
+
+def theirs(vllm: list[str], url: str, model_dir: str, served: str, input_len: int, output_len: int,
+           prompts: int, concurrency: int, seed: int, out_dir: Path) -> dict[str, float]:
+    name = f"bench-c{concurrency}-{time.monotonic_ns()}.json"
+    argv = [*vllm, "bench", "serve", "--backend", "vllm", "--base-url", url,
+            "--model", model_dir, "--served-model-name", served, "--tokenizer", model_dir,
+            "--dataset-name", "random", "--random-input-len", str(input_len),
+            "--random-output-len", str(output_len), "--num-prompts", str(prompts),
+            "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(seed),
+            "--disable-tqdm", "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "no_proxy": "*"}
+    proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=BENCH_TIMEOUT_S, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-20:])
+        raise SystemExit(f"vllm bench serve failed (exit {proc.returncode}): {shlex.join(argv)}\n{tail}")
+    r = json.loads((out_dir / name).read_text())
+    done = r["completed"]
+    if done != prompts:
+        print(f"warning: vllm bench serve: only {done} of {prompts} requests completed at c={concurrency}",
+              file=sys.stderr)
+    return {"failed": prompts - done, "output_tok_s": r["output_throughput"], "tpot_p50_ms": r["median_tpot_ms"],
+            "tpot_mean_ms": r["mean_tpot_ms"], "ttft_p50_ms": r["median_ttft_ms"],
+            "prompt_tokens": r["total_input_tokens"] / done, "output_tokens": r["total_output_tokens"] / done,
+            "requests": done, "duration_s": r["duration"]}
+
+
+ROWS = (("output tok/s", "output_tok_s", "{:,.1f}"), ("TPOT p50 ms", "tpot_p50_ms", "{:.2f}"),
+        ("TPOT mean ms", "tpot_mean_ms", "{:.2f}"), ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"),
+        ("prompt tok/req", "prompt_tokens", "{:.1f}"), ("output tok/req", "output_tokens", "{:.1f}"),
+        ("window s", "duration_s", "{:.2f}"), ("failed requests", "failed", "{:.0f}"))
+
+
+def table(results: dict[int, tuple[list[dict], list[dict]]]) -> str:
+    lines = [f"{'conc':>4}  {'metric':<15} {'pytest-mm27':>12} {'vllm bench':>12} {'diff':>8}",
+             f"{'-' * 4}  {'-' * 15} {'-' * 12} {'-' * 12} {'-' * 8}"]
+    for c, (mine, bench) in results.items():
+        for label, key, fmt in ROWS:
+            a = statistics.median(r[key] for r in mine)
+            b = statistics.median(r[key] for r in bench)
+            diff = f"{(a - b) / b * 100:+.1f}%" if b and key != "failed" else "-"
+            lines.append(f"{c:>4}  {label:<15} {fmt.format(a):>12} {fmt.format(b):>12} {diff:>8}")
+        if len(mine) > 1:
+            spread = ", ".join(f"{r['output_tok_s']:,.0f}/{s['output_tok_s']:,.0f}" for r, s in zip(mine, bench))
+            lines.append(f"{'':>4}  {'(rounds ours/theirs tok/s: ' + spread + ')'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.benchmarks.vllm_crosscheck", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vllm", default=default_vllm(), help="command that runs vLLM's CLI (default: MM27_VLLM, "
+                    "else .venv-vllm/bin/vllm, else vllm)")
+    ap.add_argument("--topology", default="tiny-tp1")
+    ap.add_argument("--concurrency", type=parse_concurrency, default=(8, 32))
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--prompts-per-slot", type=int, default=4, help="prompts per level = this x concurrency")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate ours/theirs this many times per level")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    vllm = shlex.split(args.vllm)
+    topology = load_catalog(catalog_dirs("topologies")).get(args.topology)
+    options = EngineOptions(vllm_command=tuple(vllm))
+    engine = VllmEngine()
+    ok, why = engine.available(options, topology)
+    if not ok:
+        print(f"cannot run: {why}", file=sys.stderr)
+        return 2
+    topology = provision_model(topology, vllm)
+    base = load_workloads(catalog_dirs("workloads")).get("tiny")
+    with tempfile.TemporaryDirectory(prefix="mm27-crosscheck-") as tmp:
+        return _run(args, vllm, topology, options, engine, base, Path(tmp))
+
+
+def _run(args: argparse.Namespace, vllm: list[str], topology: Any, options: EngineOptions, engine: VllmEngine,
+         base: Any, work: Path) -> int:
+    with lease_devices(engine.devices_needed(topology), kind="cpu", owner="vllm_crosscheck") as lease:
+        plan = engine.plan(topology, options, (), split_devices(topology, lease.devices))
+        t0 = time.monotonic()
+        with Launcher(plan, work / "logs") as launcher:
+            boot_s = time.monotonic() - t0
+            [url] = launcher.endpoints
+            results: dict[int, tuple[list[dict], list[dict]]] = {}
+            for c in args.concurrency:
+                prompts = args.prompts_per_slot * c
+                # One untimed warm-up request, as vllm bench serve's initial test prompt.
+                workload = dataclasses.replace(
+                    base, input_tokens=args.input_len, output_tokens=args.output_len, ignore_eos=True,
+                    requests_per_concurrency=args.prompts_per_slot, min_requests=prompts, warmup_requests=1,
+                    seed=args.seed)
+                mine, bench = [], []
+                for _ in range(args.rounds):
+                    mine.append(ours(url, plan.model, workload, c))
+                    bench.append(theirs(vllm, url, topology.model.name, plan.model, args.input_len,
+                                        args.output_len, prompts, c, args.seed, work))
+                results[c] = (mine, bench)
+        report = launcher.teardown
+    print(f"vLLM {engine.version(options)} ({args.topology}: {topology.description}); booted in {boot_s:.0f} s "
+          f"on core(s) {list(lease.devices)}")
+    print(f"request shape: random prompts of {args.input_len} tokens, {args.output_len} output tokens, "
+          f"ignore_eos, {args.prompts_per_slot} x concurrency prompts per level, 1 untimed warm-up; "
+          f"{args.rounds} round(s), medians shown")
+    print(table(results))
+    print(f"teardown: {report.summary() if report else '?'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
