@@ -91,6 +91,8 @@ class Harness:
         self._records: dict[str, RunRecord] = {}
         self._git = git_commit(rootdir)
         self.baselines: dict[str, BaselineMatch] = self._resolve_baselines()
+        for topology in self.topologies:        # a broken floors file is bad input: refuse it now
+            self.floors_for(topology)
 
     # ---- selection, before anything boots -------------------------------------------------
     def _choose(self, topology: Topology) -> EngineChoice:
