@@ -29,7 +29,7 @@ from .launcher import Launcher
 from .loadgen import run_level
 from .paths import catalog_dirs
 from .record import (
-    SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, host_info, new_run_id,
+    SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, host_info, new_run_id, now_iso,
 )
 from .telemetry import GpuSampler
 from .topology import Topology, load_catalog
@@ -237,14 +237,26 @@ class Harness:
             live.record.finish(status)
 
     def close(self, interrupted: bool = False) -> None:
+        """Stop what runs and close every record; a record that cannot be written
+        (disk full, folder gone) is reported after everything else is done."""
+        errors: list[str] = []
         live = self._live
         if live and interrupted:
             live.failure = live.failure or "interrupted"
-            live.record.add_error("interrupted (Ctrl-C or SIGTERM) before the sweep finished")
-        self.stop_live("interrupted" if interrupted else None)
+            live.record.data["errors"].append({"at": now_iso(), "concurrency": None,
+                                               "message": "interrupted (Ctrl-C or SIGTERM) before the sweep finished"})
+        try:
+            self.stop_live("interrupted" if interrupted else None)
+        except Mm27Error as exc:
+            errors.append(str(exc))
         for record in self._records.values():
             if record.data["status"] == "running":
-                record.finish("interrupted" if interrupted else "incomplete")
+                try:
+                    record.finish("interrupted" if interrupted else "incomplete")
+                except Mm27Error as exc:
+                    errors.append(str(exc))
+        if errors:
+            raise Mm27Error("; ".join(dict.fromkeys(errors)))
 
     # ---- measuring ------------------------------------------------------------------------
     def measure(self, topology: Topology, concurrency: int) -> tuple[dict[str, Any], Verdict]:

@@ -231,7 +231,10 @@ class Level:
         floor; skips a client-bound level that missed its floor (not gated);
         errors when the server could not be booted or died.
         """
-        entry, verdict = self._harness.measure(self.topology, self.concurrency)
+        try:
+            entry, verdict = self._harness.measure(self.topology, self.concurrency)
+        except Mm27Error as exc:      # e.g. the run record cannot be written
+            raise pytest.fail.Exception(f"could not measure: {exc}", pytrace=False) from None
         self.entry = entry
         if verdict.status == ERROR:
             pytest.fail("could not measure: " + verdict.message, pytrace=False)
@@ -255,10 +258,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     harness = config.stash.get(HARNESS_KEY, None)
     if harness is None:
         return
-    harness.close(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    close_error = None
+    try:
+        harness.close(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    except Mm27Error as exc:        # servers are stopped; a record could not be written
+        close_error = str(exc)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if hasattr(config, "workerinput"):
         return      # the controller compares and reports, from the records on disk
     summary = finish_run(harness.cfg, harness.run_dir, harness.baselines)
+    if close_error:
+        summary.failures.append(close_error)
     config.stash[SUMMARY_KEY] = summary
     if summary.failed and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -171,7 +171,8 @@ class RunRecord:
         try:
             write_json_atomic(self.path, self.data)
         except OSError as exc:
-            raise Mm27Error(f"cannot write run record {self.path}: {exc.strerror or exc}") from exc
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(self.path) else ""
+            raise Mm27Error(f"cannot write run record {self.path}: {exc.strerror or exc}{where}") from exc
 
     def set(self, key: str, value: Any) -> None:
         self.data[key] = value

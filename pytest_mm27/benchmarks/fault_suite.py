@@ -382,6 +382,26 @@ def _check_results_dir(o: Outcome) -> list[str]:
             + _expect(not o.records, "a record was written somewhere"))
 
 
+def lose_run_folder_after_first_level(workdir: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Once level 1 is recorded, replace the run folder by a file: every later write fails."""
+    def recorded() -> list[Path]:
+        return [p for p in workdir.glob("results/runs/*/tiny.json") if '"concurrency": 1' in p.read_text()]
+
+    found = wait_for(recorded, 60)
+    if found:
+        run_dir = found[0].parent
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.write_text("not a folder any more\n")
+
+
+def _check_disk_error(o: Outcome) -> list[str]:
+    return (_expect(o.returncode == 1, f"exit code {o.returncode}, wanted 1")
+            + _in_output(o, "cannot write run record", "/results/runs/")
+            + _expect("Traceback" not in o.output and "INTERNALERROR" not in o.output,
+                      "a traceback instead of a message"))
+
+
 def _check_two_runs(o: Outcome) -> list[str]:
     return (_expect(o.returncode == 0, f"a run failed (exit {o.returncode})")
             + _expect(len(o.run_dirs) == 2, f"{len(o.run_dirs)} run folders, wanted 2")
@@ -417,6 +437,8 @@ def scenarios() -> list[Scenario]:
                  check=_check_midsweep_failure),
         Scenario("results dir under a file", ["--results-dir", "not-a-dir/results"], bound_s=30,
                  setup=lambda d: (d / "not-a-dir").write_text("a file, not a folder\n"), check=_check_results_dir),
+        Scenario("run folder lost mid-run (disk error)", levels="[1, 4, 8]", bound_s=60,
+                 during=lose_run_folder_after_first_level, check=_check_disk_error),
         Scenario("two runs at once", levels="[1]", runs=2, bound_s=90, check=_check_two_runs),
     ]
 
