@@ -47,6 +47,7 @@ E2E = [
     "SIGINT during boot",
     "SIGTERM during a level",
     "results dir under a file",
+    "run folder lost mid-run",
     "two runs at once",
 ]
 
