@@ -266,8 +266,10 @@ class Harness:
         entry: dict[str, Any] = {"concurrency": concurrency, "floor": floor.output_tok_s if floor else None,
                                  "floor_note": floor.note if floor else None}
         if live.failure:
+            # Recorded too, so the record lists every level the run meant to measure.
             verdict = Verdict(ERROR, (live.failure,))
             entry |= {"metrics": None, "trials": [], "verdict": verdict.to_dict()}
+            live.record.add_level(entry)
             return entry, verdict
         trials: list[dict[str, Any]] = []
         try:
