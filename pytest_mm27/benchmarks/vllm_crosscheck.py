@@ -59,7 +59,7 @@ def ours(url: str, model: str, workload: Any, concurrency: int) -> dict[str, flo
     if m.failed:
         print(f"warning: pytest-mm27 client: {m.failed} request(s) failed at c={concurrency}: {m.errors}",
               file=sys.stderr)
-    return {"failed": m.failed, "output_tok_s": m.output_tok_s, "tpot_p50_ms": m.tpot_ms.p50, "tpot_mean_ms": m.tpot_ms.mean,
+    return {"failed": m.failed, "span_s": m.duration_s, "span_tok_s": m.output_tok_s, "output_tok_s": m.output_tok_s, "tpot_p50_ms": m.tpot_ms.p50, "tpot_mean_ms": m.tpot_ms.mean,
             "ttft_p50_ms": m.ttft_ms.p50, "prompt_tokens": m.prompt_tokens / m.ok,
             "output_tokens": m.output_tokens / m.ok, "requests": m.ok, "duration_s": m.duration_s}
 
@@ -72,7 +72,7 @@ def theirs(vllm: list[str], url: str, model_dir: str, served: str, input_len: in
             "--dataset-name", "random", "--random-input-len", str(input_len),
             "--random-output-len", str(output_len), "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(seed),
-            "--disable-tqdm", "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+            "--disable-tqdm", "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "no_proxy": "*"}
     proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=BENCH_TIMEOUT_S, env=env)
@@ -84,7 +84,11 @@ def theirs(vllm: list[str], url: str, model_dir: str, served: str, input_len: in
     if done != prompts:
         print(f"warning: vllm bench serve: only {done} of {prompts} requests completed at c={concurrency}",
               file=sys.stderr)
-    return {"failed": prompts - done, "output_tok_s": r["output_throughput"], "tpot_p50_ms": r["median_tpot_ms"],
+    # Its own per-request times, on our window definition: first send -> last finish.
+    starts, ends = r["start_times"], [t + lat for t, lat in zip(r["start_times"], r["latencies"])]
+    span = max(ends) - min(starts)
+    return {"failed": prompts - done, "span_s": span, "span_tok_s": r["total_output_tokens"] / span,
+            "output_tok_s": r["output_throughput"], "tpot_p50_ms": r["median_tpot_ms"],
             "tpot_mean_ms": r["mean_tpot_ms"], "ttft_p50_ms": r["median_ttft_ms"],
             "prompt_tokens": r["total_input_tokens"] / done, "output_tokens": r["total_output_tokens"] / done,
             "requests": done, "duration_s": r["duration"]}
@@ -93,7 +97,8 @@ def theirs(vllm: list[str], url: str, model_dir: str, served: str, input_len: in
 ROWS = (("output tok/s", "output_tok_s", "{:,.1f}"), ("TPOT p50 ms", "tpot_p50_ms", "{:.2f}"),
         ("TPOT mean ms", "tpot_mean_ms", "{:.2f}"), ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"),
         ("prompt tok/req", "prompt_tokens", "{:.1f}"), ("output tok/req", "output_tokens", "{:.1f}"),
-        ("window s", "duration_s", "{:.2f}"), ("failed requests", "failed", "{:.0f}"))
+        ("window s", "duration_s", "{:.2f}"), ("req span s", "span_s", "{:.2f}"),
+        ("tok/s over span", "span_tok_s", "{:,.1f}"), ("failed requests", "failed", "{:.0f}"))
 
 
 def table(results: dict[int, tuple[list[dict], list[dict]]]) -> str:
@@ -168,6 +173,8 @@ def _run(args: argparse.Namespace, vllm: list[str], topology: Any, options: Engi
           f"ignore_eos, {args.prompts_per_slot} x concurrency prompts per level, 1 untimed warm-up; "
           f"{args.rounds} round(s), medians shown")
     print(table(results))
+    print("window s: the client's own throughput window (vllm bench: its whole-run duration); req span s: "
+          "first request sent -> last finished, from each client's per-request times")
     print(f"teardown: {report.summary() if report else '?'}")
     return 0
 
