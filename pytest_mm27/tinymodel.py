@@ -50,9 +50,6 @@ __all__ = [
 Arch = Literal["llama", "qwen2moe"]
 ARCHES: tuple[Arch, ...] = ("llama", "qwen2moe")
 
-#: Names a topology may give as ``[model] make = ...``, and the arch each makes
-#: (default parameters otherwise).
-MAKERS: dict[str, Arch] = {"tiny-llama": "llama", "tiny-qwen2moe": "qwen2moe"}
 
 #: Bump when the files written change for the same parameters.
 GENERATOR_VERSION = 1
@@ -134,6 +131,18 @@ class TinyModelSpec:
 
     def stamp(self) -> dict[str, Any]:
         return {"generator_version": GENERATOR_VERSION, "spec": asdict(self)}
+
+
+#: Names a topology may give as ``[model] make = ...``, and what each makes.
+MAKERS: dict[str, TinyModelSpec] = {
+    # CPU tests: boots in seconds on vLLM's CPU build.
+    "tiny-llama": TinyModelSpec(arch="llama"),
+    "tiny-qwen2moe": TinyModelSpec(arch="qwen2moe"),
+    # GPU checks: 0.75 B parameters (16 x hidden 2048, 16 query / 8 KV heads,
+    # SwiGLU 5632), big enough to load the GPU, small enough to boot in a minute.
+    "small-llama": TinyModelSpec(arch="llama", hidden_size=2048, num_hidden_layers=16,
+                                 num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632),
+}
 
 
 # --------------------------------------------------------------------------- config
@@ -349,12 +358,12 @@ def read_stamp(out_dir: Path) -> dict[str, Any] | None:
     return stamp if isinstance(stamp, dict) else None
 
 
-def is_complete(out_dir: Path, arch: Arch = "llama") -> bool:
-    """Whether ``out_dir`` holds a complete model of ``arch`` with default parameters.
+def is_complete(out_dir: Path, spec: TinyModelSpec | Arch = "llama") -> bool:
+    """Whether ``out_dir`` holds a complete model of ``spec`` (an arch: its default parameters).
 
     Needs no ``tokenizers``: callers use it to skip a subprocess when cached.
     """
-    return _is_complete(Path(out_dir), TinyModelSpec(arch=arch))
+    return _is_complete(Path(out_dir), spec if isinstance(spec, TinyModelSpec) else TinyModelSpec(arch=spec))
 
 
 def _is_complete(out_dir: Path, spec: TinyModelSpec) -> bool:
@@ -469,8 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--num-key-value-heads", type=int, default=2)
     parser.add_argument("--max-position-embeddings", type=int, default=4096)
+    parser.add_argument("--maker", choices=sorted(MAKERS),
+                        help="write a named preset (as topologies' [model] make); other size flags are ignored")
     args = parser.parse_args(argv)
     try:
+        if args.maker:
+            path = make_tiny_model(args.out_dir, **asdict(MAKERS[args.maker]))
+            print(path)
+            return 0
         path = make_tiny_model(
             args.out_dir,
             arch=args.arch,

@@ -69,7 +69,7 @@ def test_model_make_names_the_model_and_is_validated(tmp_path):
     assert topo.model.name == topo.model.served_name == "tiny-llama"
     named = tiny_topology(tmp_path, 'make = "tiny-llama"\nserved_name = "tiny"')
     assert named.model.served_name == "tiny"
-    with pytest.raises(ConfigError, match=r"field 'model.make': unknown model maker 'gpt2' \(known: tiny-llama"):
+    with pytest.raises(ConfigError, match=r"field 'model.make': unknown model maker 'gpt2' \(known: small-llama, tiny-llama"):
         tiny_topology(tmp_path, 'make = "gpt2"')
     with pytest.raises(ConfigError, match=r"model.name"):
         tiny_topology(tmp_path, 'served_name = "x"')
@@ -135,7 +135,7 @@ def test_provision_runs_the_maker_with_the_vllm_python_once(tmp_path):
     assert ready.model.name == str(cache / "tiny-llama")
     assert ready.model.served_name == "tiny-llama" and ready.model.make == "tiny-llama"
     assert tinymodel.is_complete(cache / "tiny-llama", "llama")
-    assert log.read_text().splitlines() == [f"-m pytest_mm27.tinymodel {cache / 'tiny-llama'} --arch llama"]
+    assert log.read_text().splitlines() == [f"-m pytest_mm27.tinymodel {cache / 'tiny-llama'} --maker tiny-llama"]
     again = vllm_engine.provision_model(topo, [str(vllm)], cache)
     assert again == ready and len(log.read_text().splitlines()) == 1     # cached: no second run
     assert py.exists()

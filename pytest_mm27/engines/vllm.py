@@ -155,19 +155,19 @@ def provision_model(topology: Topology, vllm_command: Sequence[str], cache_dir: 
     make = topology.model.make
     if not make:
         return topology
-    arch = tinymodel.MAKERS[make]
+    spec = tinymodel.MAKERS[make]
     folder = Path(cache_dir or model_cache_dir()) / make
-    if not tinymodel.is_complete(folder, arch):
+    if not tinymodel.is_complete(folder, spec):
         folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.parent / f".{make}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not tinymodel.is_complete(folder, arch):
-                _make_model(folder, arch, vllm_python(vllm_command))
+            if not tinymodel.is_complete(folder, spec):
+                _make_model(folder, make, vllm_python(vllm_command))
     return dataclasses.replace(topology, model=dataclasses.replace(topology.model, name=str(folder)))
 
 
-def _make_model(folder: Path, arch: str, python: str) -> None:
-    argv = [python, "-m", "pytest_mm27.tinymodel", str(folder), "--arch", arch]
+def _make_model(folder: Path, make: str, python: str) -> None:
+    argv = [python, "-m", "pytest_mm27.tinymodel", str(folder), "--maker", make]
     pythonpath = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
