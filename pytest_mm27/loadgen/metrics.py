@@ -204,6 +204,9 @@ class LevelMetrics:
     queue_ms: Percentiles       # dispatch lag: slot free -> request sent
     steady_output_tok_s: float | None = None
     steady_window_s: float | None = None
+    # c x the mean per-stream decode rate (1/TPOT): output tok/s "summed over all
+    # concurrent streams", as benchmark write-ups often report it; no ramp or drain.
+    stream_output_tok_s: float | None = None
     # self-measurement
     workers: int = 1
     endpoints: list[str] = field(default_factory=list)
@@ -306,7 +309,10 @@ def compute_level_metrics(
     ms = 1000.0
     ttft = Percentiles.of(r.ttft * ms for r in ok if r.chunk_times)
     e2el = Percentiles.of(r.e2el * ms for r in ok if r.chunk_times)
-    tpots = Percentiles.of(t * ms for r in ok if (t := r.tpot) is not None)
+    tpot_values = [t for r in ok if (t := r.tpot) is not None]
+    tpots = Percentiles.of(t * ms for t in tpot_values)
+    decode_rates = [1.0 / t for t in tpot_values if t > 0]
+    stream_rate = concurrency * sum(decode_rates) / len(decode_rates) if decode_rates else None
     itl_values: list[float] = []
     for r in ok:
         ct = r.chunk_times
@@ -355,6 +361,7 @@ def compute_level_metrics(
         queue_ms=queue,
         steady_output_tok_s=steady_rate,
         steady_window_s=steady_span,
+        stream_output_tok_s=stream_rate,
         workers=max(1, len(self_measurements)),
         endpoints=list(endpoints),
         loop_lag_ms=loop_lag,
