@@ -124,7 +124,7 @@ class Harness:
 
     def floor_value(self, topology: Topology, concurrency: int) -> float | None:
         floor = self.floors_for(topology).get(topology.name, self.workload.name, concurrency)
-        return floor.output_tok_s if floor else None
+        return floor.tok_s if floor else None
 
     # ---- records ------------------------------------------------------------------------------
     def _header(self, topology: Topology) -> dict[str, Any]:
@@ -263,7 +263,8 @@ class Harness:
         """Run one level; returns the level entry written to the record and its verdict."""
         live = self._boot(topology)
         floor = self.floors_for(topology).get(topology.name, self.workload.name, concurrency)
-        entry: dict[str, Any] = {"concurrency": concurrency, "floor": floor.output_tok_s if floor else None,
+        entry: dict[str, Any] = {"concurrency": concurrency, "floor": floor.tok_s if floor else None,
+                                 "floor_metric": floor.metric if floor else None,
                                  "floor_note": floor.note if floor else None}
         if live.failure:
             # Recorded too, so the record lists every level the run meant to measure.

@@ -21,7 +21,7 @@ def _pct(metrics: Mapping[str, Any], key: str, pct: str) -> Any:
     return block.get(pct) if isinstance(block, Mapping) else None
 
 
-COLUMNS = ("conc", "output tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "errors", "floor", "verdict")
+COLUMNS = ("conc", "output tok/s", "stream tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "errors", "floor", "verdict")
 
 
 GPU_COLUMNS = ("power W", "J/tok")
@@ -47,6 +47,7 @@ def level_rows(levels: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
         row = (
             str(lv["concurrency"]),
             _fmt(tok_s) + mark,
+            _fmt(m.get("stream_output_tok_s")),
             _fmt(_pct(m, "ttft_ms", "p50"), ",.0f", " ms"),
             _fmt(_pct(m, "ttft_ms", "p99"), ",.0f", " ms"),
             _fmt(_pct(m, "tpot_ms", "p50"), ",.1f", " ms"),

@@ -59,10 +59,10 @@ def judge_level(metrics: Mapping[str, Any], floor: Floor | None, max_error_rate:
     elif rate > max_error_rate:
         problems.append(f"{failed} of {requests} requests failed ({rate:.1%}, limit {max_error_rate:.1%}): "
                         f"{_top_errors(metrics.get('errors', {}))}")
-    tok_s = float(metrics.get("output_tok_s") or 0.0)
-    if floor is not None and ok and tok_s < floor.output_tok_s:
-        shortfall = 1 - tok_s / floor.output_tok_s
-        floor_problem = (f"output tok/s {tok_s:,.0f} is below the floor {floor.output_tok_s:,.0f} "
+    tok_s = float(metrics.get(floor.metric if floor else "output_tok_s") or 0.0)
+    if floor is not None and ok and tok_s < floor.tok_s:
+        shortfall = 1 - tok_s / floor.tok_s
+        floor_problem = (f"{floor.label} {tok_s:,.0f} is below the floor {floor.tok_s:,.0f} "
                          f"({shortfall:.1%} short) at c={metrics.get('concurrency')}; floor: {floor.describe()}")
         client_share = client_understatement(metrics)
         if metrics.get("client_bound") and shortfall <= client_share + CLIENT_SLACK:

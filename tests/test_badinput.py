@@ -35,7 +35,7 @@ WORKLOAD = {
     "name": "w", "input_tokens": 128, "output_tokens": 32, "requests_per_concurrency": 1, "min_requests": 2,
     "warmup_requests": 0, "api": "completions", "request_timeout_s": 60, "stall_timeout_s": 5, "seed": 0,
 }
-FLOORS = {"floor": [{"topology": "t", "workload": "w", "concurrency": 4, "output_tok_s": 100.0, "note": "n"}]}
+FLOORS = {"floor": [{"topology": "t", "workload": "w", "concurrency": 4, "tok_s": 100.0, "note": "n"}]}
 
 PARSERS = {"topology": (parse_topology, TOPOLOGY), "workload": (parse_workload, WORKLOAD),
            "floors": (parse_floors, FLOORS)}
@@ -249,7 +249,7 @@ def _bad_workload(p: pytest.Pytester) -> list[str]:
 def _bad_floor(p: pytest.Pytester) -> list[str]:
     _catalog(p)
     (p.path / "floors" / "rtx-pro-6000.toml").write_text(
-        '[[floor]]\ntopology = "tiny"\nworkload = "quick"\nconcurrency = 0\noutput_tok_s = 1.0\nnote = "n"\n')
+        '[[floor]]\ntopology = "tiny"\nworkload = "quick"\nconcurrency = 0\ntok_s = 1.0\nnote = "n"\n')
     return []
 
 

@@ -54,7 +54,7 @@ def test_shipped_workloads_and_headline_floor():
     assert workloads.get("quick").requests_for(1) == 2
     floors = load_floors([builtin_fixtures_dir() / "floors"], "rtx-pro-6000")
     floor = floors.get("dp3", "default", 640)
-    assert floor is not None and floor.output_tok_s == 10000
+    assert floor is not None and floor.tok_s == 10000
 
 
 def test_good_topology_parses(tmp_path):
@@ -120,6 +120,6 @@ def test_broken_workload(tmp_path):
 
 def test_broken_floor_file(tmp_path):
     (tmp_path / "hw.toml").write_text('[[floor]]\ntopology = "t"\nworkload = "w"\nconcurrency = 0\n'
-                                      'output_tok_s = 5\nnote = "x"\n')
+                                      'tok_s = 5\nnote = "x"\n')
     with pytest.raises(ConfigError, match=r"field 'floor\[0\].concurrency'"):
         load_floors([tmp_path], "hw")

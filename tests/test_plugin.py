@@ -38,7 +38,7 @@ FLOOR = """
 topology = "{name}"
 workload = "quick"
 concurrency = {c}
-output_tok_s = {value}
+tok_s = {value}
 note = "test floor"
 """
 

@@ -133,8 +133,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     levels = args.concurrency or topo.concurrency_levels
     curve = predict_curve(setup, levels, workload)
     if args.json:
-        keys = ("concurrency", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2el_p50_ms",
-                "requests")
+        keys = ("concurrency", "output_tok_s", "stream_output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
+                "tpot_p50_ms", "e2el_p50_ms", "requests")
         print(json.dumps([{k: getattr(p, k) for k in keys} for p in curve], indent=2))
         return 0
     fit = setup.memory()
@@ -142,10 +142,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"TP={setup.tp} x DP={setup.dp}, {topo.dp_mode}), workload {workload.name} "
           f"({workload.input_tokens} in / {workload.output_tokens} out)")
     print(f"         per engine: {fit.reason}")
-    print(f"{'c':>5} {'reqs':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-          f"{'E2EL p50':>9} {'running':>8} {'preempt':>8}")
+    print(f"{'c':>5} {'reqs':>5} {'out tok/s':>10} {'stream tok/s':>12} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'TPOT p50':>9} {'E2EL p50':>9} {'running':>8} {'preempt':>8}")
     for p in curve:
-        print(f"{p.concurrency:>5} {p.requests:>5} {p.output_tok_s:>10,.0f} {p.ttft_p50_ms:>7,.0f}ms "
+        print(f"{p.concurrency:>5} {p.requests:>5} {p.output_tok_s:>10,.0f} {p.stream_output_tok_s:>12,.0f} "
+              f"{p.ttft_p50_ms:>7,.0f}ms "
               f"{p.ttft_p99_ms:>7,.0f}ms {p.tpot_p50_ms:>7.1f}ms {p.e2el_p50_ms:>7,.0f}ms "
               f"{p.max_running:>8} {p.preemptions:>8}")
     return 0

@@ -45,6 +45,7 @@ class LevelPrediction:
     output_tokens: int
     preemptions: int
     max_running: int          # largest running batch of any engine
+    stream_output_tok_s: float = 0.0    # c x mean per-stream decode rate (1/TPOT), see loadgen
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +129,7 @@ def simulate_level(setup: SimSetup, concurrency: int, requests: int, input_token
         tpot_p50_ms=percentile(tpot, 50), e2el_p50_ms=percentile(e2el, 50),
         duration_s=now, output_tokens=out_tokens,
         preemptions=sum(e.preemptions for e in engines), max_running=max_running,
+        stream_output_tok_s=(concurrency * 1e3 * sum(1 / t for t in tpot) / len(tpot)) if tpot else 0.0,
     )
 
 
