@@ -1,5 +1,12 @@
 """The async streaming client: closed-loop slots, one event loop per process.
 
+Two transports behind one ``Client``: plain-http endpoints use the fast path
+(``fast``: asyncio.Protocol, one keep-alive connection per in-flight stream,
+no task wake-up per chunk); https endpoints, /metrics scrapes and responses
+the fast path hands back (redirects, compressed bodies) use aiohttp.
+``MM27_LOADGEN_AIOHTTP=1`` in the environment forces aiohttp everywhere
+(for comparisons). Both record the same error reasons.
+
 Hot-path rules (the client must not be the bottleneck):
 - one ``time.monotonic()`` per socket read, not per SSE event;
 - no JSON parsing of token chunks (see ``sse``);
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +29,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from .fast import FALLBACK, FastEndpoint, fast_request
 from .metrics import RequestRecord
 from .prompts import RequestFactory
 from .sse import SSEParser, StreamError
@@ -28,6 +37,11 @@ from .sse import SSEParser, StreamError
 monotonic = time.monotonic
 
 TICK_S = 0.010  # event-loop lag ticker period
+PREWARM_BATCH = 128  # concurrent connects while pre-warming (stay under listen backlogs)
+
+
+def fast_path_enabled() -> bool:
+    return os.environ.get("MM27_LOADGEN_AIOHTTP", "") in ("", "0")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -220,6 +234,11 @@ async def do_request(
     except (aiohttp.ClientError, OSError) as e:
         rec.error = _connect_reason(e) if not got_headers else f"client error: {type(e).__name__}: {str(e)[:150]}"
         return
+    fill_record(parser, rec)
+
+
+def fill_record(parser: SSEParser, rec: RequestRecord) -> None:
+    """A finished stream's usage and chunk times into ``rec`` (or why it is no success)."""
     usage = parser.usage or {}
     completion = usage.get("completion_tokens")
     if not isinstance(completion, int):
@@ -233,6 +252,84 @@ async def do_request(
     prompt = usage.get("prompt_tokens")
     rec.prompt_tokens = prompt if isinstance(prompt, int) else 0
     rec.ok = True
+
+
+class Client:
+    """Everything one process needs to talk to the level's endpoints.
+
+    ``request`` takes the fast path for plain-http endpoints and aiohttp for
+    the rest; ``session`` (aiohttp) also serves /metrics scrapes.
+    """
+
+    def __init__(self, endpoints: Sequence[str], api_key: str | None, concurrency: int,
+                 fast: bool | None = None):
+        self.endpoints = [ep.rstrip("/") for ep in endpoints]
+        self.session = make_session(api_key, concurrency)
+        use_fast = fast_path_enabled() if fast is None else fast
+        self.fast: list[FastEndpoint | None] = []
+        for ep in self.endpoints:
+            fe = None
+            if use_fast and ep.startswith("http://"):
+                try:
+                    fe = FastEndpoint(ep, api_key)
+                except (ValueError, UnicodeError):
+                    fe = None
+            self.fast.append(fe)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for fe in self.fast:
+            if fe is not None:
+                fe.close()
+        await self.session.close()
+
+    async def request(self, i: int, path: str, body: bytes, rec: RequestRecord, timeout_s: float,
+                      stall_s: float | None = None) -> None:
+        """Send one streaming request to endpoint ``i``, filling ``rec`` (never raises for server faults)."""
+        fe = self.fast[i]
+        if fe is not None and not fe.slow:
+            parser = SSEParser()
+            try:
+                result = await fast_request(fe, path, body, parser, timeout_s, stall_s)
+            except OSError as e:
+                rec.error = _connect_reason(e)
+                return
+            if result is None:
+                fill_record(parser, rec)
+                return
+            if result != FALLBACK:
+                rec.error = result
+                return
+            fe.slow = True      # a redirect or an encoded body: aiohttp handles this endpoint
+        await do_request(self.session, self.endpoints[i] + path, body, rec, timeout_s, stall_s)
+
+    async def prewarm(self, n: int) -> None:
+        """Open about ``n`` keep-alive connections, spread over the endpoints (see prewarm_connections)."""
+        slow = [ep for ep, fe in zip(self.endpoints, self.fast) if fe is None]
+        if slow:
+            await prewarm_connections(self.session, slow, n)
+        fast = [fe for fe in self.fast if fe is not None]
+        if not fast:
+            return
+        per_ep = max(1, math.ceil(n / max(1, len(self.endpoints))))
+
+        async def open_one(fe: FastEndpoint) -> None:
+            try:
+                async with asyncio.timeout(10.0):
+                    conn = await fe.connect()
+            except (OSError, TimeoutError):
+                return
+            fe.idle[conn] = None
+
+        for fe in fast:
+            need = per_ep - len(fe.idle)
+            for k in range(0, need, PREWARM_BATCH):
+                await asyncio.gather(*(open_one(fe) for _ in range(min(PREWARM_BATCH, need - k))))
 
 
 # --- a closed loop of slots ---
@@ -252,8 +349,7 @@ class Picker:  # protocol-ish, for type hints only
 
 
 async def closed_loop(
-    session: aiohttp.ClientSession,
-    endpoints: Sequence[str],
+    client: Client,
     factory: RequestFactory,
     concurrency: int,
     claim: Callable[[], int | None],
@@ -266,7 +362,9 @@ async def closed_loop(
     measure: bool = True,
 ) -> LoopResult:
     """Keep ``concurrency`` requests in flight while ``claim`` hands out indices."""
-    urls = [ep.rstrip("/") + factory.path for ep in endpoints]
+    endpoints = client.endpoints
+    path = factory.path
+    request = client.request
     records: list[RequestRecord] = []
     inflight: dict[int, RequestRecord] = {}
     lags: list[float] = []
@@ -282,7 +380,7 @@ async def closed_loop(
                 ramp = False
                 inflight[idx] = rec
                 rec.sent = monotonic()
-                await do_request(session, urls[ep], body, rec, timeout_s, stall_s)
+                await request(ep, path, body, rec, timeout_s, stall_s)
                 rec.end = slot_free = monotonic()
             finally:
                 picker.release(ep)

@@ -50,12 +50,11 @@ import aiohttp
 from ..errors import LoadError
 from ..workload import Workload
 from .client import (
+    Client,
     CountClaimer,
     LeastOutstanding,
     closed_loop,
-    make_session,
     monotonic,
-    prewarm_connections,
     run_sync,
 )
 from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, compute_level_metrics
@@ -218,7 +217,7 @@ def run_level(
     return _level_sharded(plan, n_workers, deadline)
 
 
-async def _warmup(session, plan: _Plan, factory: RequestFactory, deadline: float | None) -> None:
+async def _warmup(client: Client, plan: _Plan, factory: RequestFactory, deadline: float | None) -> None:
     n = plan.workload.warmup_requests
     if n <= 0:
         return
@@ -226,7 +225,7 @@ async def _warmup(session, plan: _Plan, factory: RequestFactory, deadline: float
     claimer = CountClaimer(n)
     offset = 1 << 40
     await closed_loop(
-        session, plan.endpoints, factory, min(plan.concurrency, n),
+        client, factory, min(plan.concurrency, n),
         lambda: (None if (i := claimer.claim()) is None else offset + i),
         LeastOutstanding(len(plan.endpoints)),
         timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
@@ -236,14 +235,15 @@ async def _warmup(session, plan: _Plan, factory: RequestFactory, deadline: float
 
 async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics:
     factory = RequestFactory(plan.workload, plan.model)
-    async with make_session(plan.api_key, plan.concurrency) as session:
-        await _warmup(session, plan, factory, deadline)
-        await prewarm_connections(session, plan.endpoints, plan.concurrency)
+    async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
+        session = client.session
+        await _warmup(client, plan, factory, deadline)
+        await client.prewarm(plan.concurrency)
         before = await scrape_tokens(session, plan.endpoints)
         epoch = time.time()
         stop_at = monotonic() + plan.duration_s if plan.duration_s else None
         result = await closed_loop(
-            session, plan.endpoints, factory, plan.concurrency,
+            client, factory, plan.concurrency,
             CountClaimer(plan.total, stop_at).claim, LeastOutstanding(len(plan.endpoints)),
             timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s, deadline=deadline,
         )
@@ -285,8 +285,8 @@ def _worker_main(plan: _Plan, worker: int, slots: int, n_requests: int | None, b
 
 async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, conn):
     factory = RequestFactory(plan.workload, plan.model)
-    async with make_session(plan.api_key, slots) as session:
-        await prewarm_connections(session, plan.endpoints, slots)
+    async with Client(plan.endpoints, plan.api_key, slots) as client:
+        await client.prewarm(slots)
         conn.send_bytes(b"ready")
         # The start barrier. Blocking is fine: nothing else runs on this loop yet.
         go = conn.recv()
@@ -300,7 +300,7 @@ async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | 
         picker = LeastOutstanding(len(plan.endpoints))
         picker.rr = worker % len(plan.endpoints)      # spread ties across workers
         result = await closed_loop(
-            session, plan.endpoints, factory, slots,
+            client, factory, slots,
             lambda: None if (i := claimer.claim()) is None else base + i, picker,
             timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
             deadline=deadline, worker=worker,
@@ -360,8 +360,9 @@ def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> Level
 
 async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) -> LevelMetrics:
     factory = RequestFactory(plan.workload, plan.model)
-    async with make_session(plan.api_key, plan.concurrency) as session:
-        await _warmup(session, plan, factory, deadline)
+    async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
+        session = client.session
+        await _warmup(client, plan, factory, deadline)
         before = await scrape_tokens(session, plan.endpoints)
         offset = clock_offset()
         deadline_wall = deadline + offset if deadline is not None else None

@@ -38,7 +38,18 @@ class SSEParser:
         self.done = False
 
     def feed(self, data: bytes, now: float) -> None:
-        buf = self.buf + data if self.buf else data
+        if self.buf:
+            buf = self.buf + data
+        else:
+            buf = data
+            # Shortcut for the usual read: exactly one single-line, text-bearing
+            # ``data: {...}`` event (same outcome as the general path below).
+            if (buf.startswith(b"data: {") and buf.find(b"\n") == len(buf) - 2 and buf.endswith(b"}\n\n")
+                    and not self.done and _TEXT.search(buf) is not None):
+                self.chunk_times.append(now)
+                if b'"usage"' in buf and _USAGE.search(buf):
+                    self._usage(buf[6:-2])
+                return
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
         events = buf.split(b"\n\n")
@@ -76,14 +87,17 @@ class SSEParser:
         else:
             has_text = False
         if _USAGE.search(payload):
-            try:
-                usage = json.loads(payload).get("usage")
-            except ValueError:
-                raise StreamError("malformed SSE: " + _short(payload)) from None
-            if isinstance(usage, dict):
-                self.usage = usage
+            self._usage(payload)
         elif not has_text and _ERROR.search(payload):
             self._maybe_error(payload)
+
+    def _usage(self, payload: bytes) -> None:
+        try:
+            usage = json.loads(payload).get("usage")
+        except ValueError:
+            raise StreamError("malformed SSE: " + _short(payload)) from None
+        if isinstance(usage, dict):
+            self.usage = usage
 
     def _maybe_error(self, payload: bytes) -> None:
         try:
