@@ -485,6 +485,15 @@ def test_prompts_deterministic_and_distinct():
     assert RequestFactory(make_workload(input_tokens=50, seed=8), "m").body(3) != f1.body(3)
 
 
+@pytest.mark.parametrize("api", ["completions", "chat"])
+@pytest.mark.parametrize("n", [1, 2, 7, 128])
+def test_fast_body_matches_json_dumps(api, n):
+    f = RequestFactory(make_workload(api=api, input_tokens=n, seed=3), "m")
+    for i in [*range(300), 1 << 40, (1 << 40) + 5, 1 << 33]:
+        assert f.body(i) == f.body_json(i)
+    assert json.loads(f.body(5))["max_tokens"] == 8
+
+
 def test_parse_generation_tokens():
     text = (
         '# HELP vllm:generation_tokens_total x\n'
