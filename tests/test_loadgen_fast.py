@@ -376,3 +376,21 @@ def test_redirect_falls_back_to_aiohttp(raw):
     m = run_level([srv.url], "m", make_workload(output_tokens=3, min_requests=3), 1)
     assert m.errors == {} and m.ok == 3
     assert any(h.startswith(b"POST /moved/") for h in srv.requests)
+
+
+def test_slow_but_steady_stream_hits_the_overall_timeout_not_the_stall(raw):
+    async def trickle(reader, writer, srv):
+        while (body := await srv.read_request(reader)) is not None:
+            if body.get("GET"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                continue
+            writer.write(HEAD_CHUNKED)
+            for ev in sse_events(1000):
+                writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+    srv = raw(trickle)
+    t = time.monotonic()
+    m = run_level([srv.url], "m", make_workload(stall_timeout_s=0.6, request_timeout_s=1.5, min_requests=2), 2)
+    assert time.monotonic() - t < 20
+    assert m.errors == {"timeout: not done within 1.5 s": 2}

@@ -8,6 +8,7 @@ CPU 1 with ``taskset`` when available, and drives it with:
 
 - our client, workers=1, pinned to CPU 0;
 - our client, workers=2, unpinned;
+- with --with-aiohttp, both again on the aiohttp transport (the old path);
 - ``vllm bench serve`` and GuideLLM when installed ("not installed" otherwise).
 
 For each it reports output tok/s (whole run and steady window), the offered
@@ -162,8 +163,10 @@ class Row:
     note: str = ""
 
 
-def run_ours(server: NullServer, wl: Workload, c: int, workers: int, pin: bool) -> Row:
+def run_ours(server: NullServer, wl: Workload, c: int, workers: int, pin: bool, aiohttp: bool = False) -> Row:
     affinity = os.sched_getaffinity(0)
+    saved = os.environ.get("MM27_LOADGEN_AIOHTTP")
+    os.environ["MM27_LOADGEN_AIOHTTP"] = "1" if aiohttp else "0"
     if pin:
         os.sched_setaffinity(0, {0})
     probe = start_probe(server.port, wl.output_tokens, 0.5 + wl.output_tokens * server.step_ms / 1000)
@@ -174,13 +177,19 @@ def run_ours(server: NullServer, wl: Workload, c: int, workers: int, pin: bool) 
         m = run_level([server.url], "null", wl, c, workers=workers)
     finally:
         os.sched_setaffinity(0, affinity)
+        if saved is None:
+            os.environ.pop("MM27_LOADGEN_AIOHTTP", None)
+        else:
+            os.environ["MM27_LOADGEN_AIOHTTP"] = saved
     wall = time.monotonic() - t0
     server_cpu = (cpu_ticks(server.proc.pid) - s0) / wall
     cpu = "/".join(f"{u:.0%}" for u in m.worker_cpu_util)
-    note = f"loop-lag p99 {m.loop_lag_ms.p99:.1f} ms"
+    chunks = m.itl_ms.n + m.ttft_ms.n
+    note = f"cpu/chunk {m.client_cpu_s / chunks * 1e6:.1f} us; " if chunks else ""
+    note += f"loop-lag p99 {m.loop_lag_ms.p99:.1f} ms"
     if m.client_bound:
         note += f"; CLIENT-BOUND: {m.client_bound_reason}"
-    return Row(f"mm27 w={workers}{' pinned' if pin else ''}", c, m.output_tok_s, m.steady_output_tok_s,
+    return Row(f"mm27{' aiohttp' if aiohttp else ''} w={workers}{' pinned' if pin else ''}", c, m.output_tok_s, m.steady_output_tok_s,
                probe_result(probe), m.tpot_ms.mean, m.ttft_ms.p50, cpu, server_cpu,
                server.server_ttft_p50(), m.failed, note)
 
@@ -247,7 +256,7 @@ def fmt(x: float | None, spec: str) -> str:
 
 def print_table(rows: list[Row], step_ms: float, header: bool = True) -> None:
     if header:
-        print(f"{'client':<22}{'c':>6}{'tok/s':>10}{'steady':>10}{'offered':>10}{'true step':>10}"
+        print(f"{'client':<26}{'c':>6}{'tok/s':>10}{'steady':>10}{'offered':>10}{'true step':>10}"
               f"{'TPOT':>9}{'err/nom':>9}{'err/true':>9}{'TTFT p50':>10}{'client+':>9}{'srv cpu':>8}"
               f"  {'client cpu':<14} notes")
     for r in rows:
@@ -257,7 +266,7 @@ def print_table(rows: list[Row], step_ms: float, header: bool = True) -> None:
         # With the server's own TTFT (Python twin) subtract it; else its expectation, step/2.
         added = r.ttft_p50 - (r.server_ttft if r.server_ttft is not None else step_ms / 2)
         notes = r.note + (f"; {r.failed} failed" if r.failed else "")
-        print(f"{r.client:<22}{r.c:>6}{fmt(r.tok_s, '.0f'):>10}{fmt(r.steady, '.0f'):>10}"
+        print(f"{r.client:<26}{r.c:>6}{fmt(r.tok_s, '.0f'):>10}{fmt(r.steady, '.0f'):>10}"
               f"{fmt(offered, '.0f'):>10}{fmt(r.true_step, '.3f'):>10}{fmt(r.tpot, '.3f'):>9}"
               f"{fmt(err_nom, '+.2f'):>8}%{fmt(err_true, '+.2f'):>8}%{fmt(r.ttft_p50, '.2f'):>10}"
               f"{fmt(added, '.2f'):>9}{fmt(r.server_cpu, '.0%'):>8}  {r.cpu:<14} {notes}", flush=True)
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", choices=("node", "python"), default=None,
                     help="null server: node (default when available) or the Python twin")
     ap.add_argument("--only-ours", action="store_true", help="skip vllm bench serve and GuideLLM")
+    ap.add_argument("--with-aiohttp", action="store_true",
+                    help="also run our client on its aiohttp transport (MM27_LOADGEN_AIOHTTP=1): the old path")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     if args.server is None:
@@ -299,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     server = NullServer(js, args.step_ms)
     try:
         for c in levels:
-            for workers, pin in ((1, True), (2, False)):
-                row = run_ours(server, wl, c, workers, pin)
+            variants = [(1, True, False), (2, False, False)]
+            if args.with_aiohttp:
+                variants += [(1, True, True), (2, False, True)]
+            for workers, pin, old in variants:
+                row = run_ours(server, wl, c, workers, pin, old)
                 rows.append(row)
                 print_table([row], args.step_ms, header=not rows[:-1])
         if not args.only_ours:

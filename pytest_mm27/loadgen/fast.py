@@ -25,6 +25,7 @@ records (see ``client``).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from urllib.parse import urlsplit
@@ -39,6 +40,8 @@ ERROR_BODY_BYTES = 4096       # how much of a non-200 body the reason quotes
 # Completion markers (the future's result is the error reason, None for success).
 FALLBACK = "\0fallback"       # hand this request (and the endpoint) to aiohttp
 STALE = "\0stale"             # a reused keep-alive connection died before any byte came back
+
+_HEADERS = re.compile(rb"\r\n(transfer-encoding|content-length|connection|content-encoding)[ \t]*:([^\r\n]*)")
 
 # body framing
 _CHUNKED, _LENGTH, _EOF, _NONE = range(4)
@@ -111,7 +114,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         "ep", "transport", "fut", "state", "parser", "pend", "status", "framing", "left",
-        "keep", "got_bytes", "fast", "err_body", "last", "stall_s", "stall_h", "overall_h", "reused",
+        "keep", "got_bytes", "fast", "err_body", "last", "stall_s", "timeout_s", "deadline", "timer", "reused",
     )
 
     def __init__(self, ep: FastEndpoint):
@@ -130,8 +133,9 @@ class _Conn(asyncio.Protocol):
         self.err_body: bytearray | None = None
         self.last = 0.0
         self.stall_s: float | None = None
-        self.stall_h: asyncio.TimerHandle | None = None
-        self.overall_h: asyncio.TimerHandle | None = None
+        self.timeout_s = 0.0
+        self.deadline = 0.0           # monotonic time the whole request must be done by
+        self.timer: asyncio.TimerHandle | None = None   # one per request: stall and overall bound
         self.reused = False
 
     # --- lifecycle ---
@@ -176,27 +180,36 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.fast = False
         self.err_body = None
-        self.last = monotonic()
-        self.stall_s = stall_s
-        self.overall_h = loop.call_later(timeout_s, self._on_timeout, timeout_s)
-        self.stall_h = loop.call_later(stall_s, self._on_stall) if stall_s is not None and stall_s < timeout_s else None
+        self.last = now = monotonic()
+        self.timeout_s = timeout_s
+        self.deadline = now + timeout_s
+        if stall_s is not None and stall_s < timeout_s:
+            self.stall_s = stall_s
+            self.timer = loop.call_later(stall_s, self._on_timer)
+        else:
+            self.stall_s = None
+            self.timer = loop.call_later(timeout_s, self._on_timer)
         self.transport.write(data)
         return fut
 
-    def _on_timeout(self, timeout_s: float) -> None:
-        self.overall_h = None
-        self._complete(f"timeout: not done within {timeout_s:g} s", abort=True)
-
-    def _on_stall(self) -> None:
-        self.stall_h = None
+    def _on_timer(self) -> None:
+        # One timer per request; it re-arms itself for whichever bound is nearer
+        # (the next read pushes the stall bound back without touching the timer).
+        self.timer = None
         if self.fut is None:
             return
+        now = monotonic()
+        if now >= self.deadline - 0.001:
+            self._complete(f"timeout: not done within {self.timeout_s:g} s", abort=True)
+            return
         stall = self.stall_s
-        quiet = monotonic() - self.last
-        if quiet >= stall - 0.001:
-            self._complete(f"stalled: no data for {stall:g} s", abort=True)
-        else:
-            self.stall_h = asyncio.get_running_loop().call_later(stall - quiet, self._on_stall)
+        when = self.deadline
+        if stall is not None:
+            if now - self.last >= stall - 0.001:
+                self._complete(f"stalled: no data for {stall:g} s", abort=True)
+                return
+            when = min(when, self.last + stall)
+        self.timer = asyncio.get_running_loop().call_later(max(0.0, when - now), self._on_timer)
 
     def _complete(self, result: str | None, abort: bool = False) -> None:
         fut = self.fut
@@ -206,12 +219,9 @@ class _Conn(asyncio.Protocol):
         self.parser = None
         self.state = _IDLE
         self.fast = False
-        if self.stall_h is not None:
-            self.stall_h.cancel()
-            self.stall_h = None
-        if self.overall_h is not None:
-            self.overall_h.cancel()
-            self.overall_h = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if result is not None or abort:
             self.keep = False
         if not self.keep and self.transport is not None:
@@ -379,10 +389,9 @@ class _Conn(asyncio.Protocol):
         chunked = False
         length = None
         encoded = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            value = value.strip().lower()
+        # One regex pass over the lower-cased head finds the few headers we act on.
+        for name, value in _HEADERS.findall(head.lower()):
+            value = value.strip()
             if name == b"transfer-encoding":
                 chunked = value.endswith(b"chunked")
             elif name == b"content-length":
@@ -396,7 +405,7 @@ class _Conn(asyncio.Protocol):
                     keep = False
                 elif b"keep-alive" in value:
                     keep = True
-            elif name == b"content-encoding" and value not in (b"identity", b""):
+            elif value not in (b"identity", b""):    # content-encoding
                 encoded = True
         self.keep = keep
         if 300 <= status < 400 or (encoded and status == 200):
