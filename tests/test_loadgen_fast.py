@@ -125,6 +125,7 @@ class RawServer:
 
     async def _conn(self, reader, writer):
         self.connections += 1
+        reader.conn_no = self.connections     # not id(): ids of closed connections get reused
         try:
             await self.handler(reader, writer, self)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -150,7 +151,7 @@ class RawServer:
         body = await reader.readexactly(length)
         self.requests.append(head)
         if head.startswith(b"POST"):
-            self.post_conns.add(id(reader))
+            self.post_conns.add(reader.conn_no)
         if head.startswith(b"GET"):
             return {"GET": True}
         return json.loads(body)

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ monotonic = time.monotonic
 
 TICK_S = 0.010  # event-loop lag ticker period
 PREWARM_BATCH = 128  # concurrent connects while pre-warming (stay under listen backlogs)
+SENDS_PER_ITERATION = 32  # sends per event-loop iteration before reads get a turn (see SendPacer)
 
 
 def fast_path_enabled() -> bool:
@@ -334,6 +336,48 @@ class Client:
 
 # --- a closed loop of slots ---
 
+class SendPacer:
+    """At most ``per_iteration`` sends per event-loop iteration; the rest wait their turn.
+
+    When many streams end together (the ramp, or a server finishing a batch),
+    every freed slot would otherwise send its next request in the same loop
+    iteration: c x ~30 us with no socket read in between, so first tokens that
+    arrive meanwhile sit unread and inflate TTFT. Pacing lets the loop poll
+    sockets between small groups of sends; the wait shows up as dispatch lag
+    (slot free -> sent), where it belongs, instead of inside TTFT.
+    """
+
+    def __init__(self, per_iteration: int | None = None):
+        self.per_iteration = per_iteration or SENDS_PER_ITERATION
+        self.granted = 0
+        self.waiting: deque[asyncio.Future] = deque()
+        self.scheduled = False
+
+    async def turn(self) -> None:
+        if self.granted < self.per_iteration and not self.waiting:
+            self.granted += 1
+            if not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self._next_iteration)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        await fut
+
+    def _next_iteration(self) -> None:
+        # Runs one loop iteration later, i.e. after the loop polled the sockets.
+        waiting = self.waiting
+        granted = 0
+        while waiting and granted < self.per_iteration:
+            fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                granted += 1
+        self.granted = granted
+        self.scheduled = bool(granted)
+        if granted:
+            asyncio.get_running_loop().call_soon(self._next_iteration)
+
 @dataclass
 class LoopResult:
     records: list[RequestRecord]    # times in this process's monotonic clock
@@ -369,9 +413,15 @@ async def closed_loop(
     inflight: dict[int, RequestRecord] = {}
     lags: list[float] = []
 
+    pacer = SendPacer()
+    turn = pacer.turn
+
     async def slot(slot_free: float) -> None:
         ramp = True
-        while (idx := claim()) is not None:
+        while True:
+            await turn()
+            if (idx := claim()) is None:
+                break
             ep = picker.acquire()
             try:
                 body = factory.body(idx)
