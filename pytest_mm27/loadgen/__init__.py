@@ -17,6 +17,12 @@ the measured window:
   was lower than asked;
 - a worker process used > 90 % of one core (``metrics.CPU_UTIL_LIMIT``).
 
+Transport: plain-http endpoints use ``fast`` (asyncio.Protocol, keep-alive
+connection per in-flight stream, HTTP/1.1 chunked + SSE decoded inside
+``data_received``); https endpoints, /metrics and unusual responses use
+aiohttp (``MM27_LOADGEN_AIOHTTP=1`` forces aiohttp everywhere). uvloop is used
+when importable.
+
 Command line: ``python -m pytest_mm27.loadgen --help``; client benchmark:
 ``python -m pytest_mm27.loadgen.bench_client``.
 """

@@ -28,10 +28,13 @@ Default worker count
 ``workers=None`` means 1 below ``AUTO_WORKERS_FROM`` concurrency; from there
 one worker per ``SLOTS_PER_WORKER`` slots, capped by the CPUs this process may
 run on minus one (left for whatever else runs here, often the server), and
-never fewer than 1. Measured with bench_client on an idle 16-core host: one
-uvloop+aiohttp process costs ~20 us of CPU per streamed chunk, used 55 % of a
-core and already showed 13 ms loop lag at c=256 x 100 tok/s per stream, and
-saturated near 45-50k chunks/s; two workers kept TPOT within 0.5 % at c=512.
+never fewer than 1. History: with aiohttp one process cost ~20 us of CPU per
+streamed chunk and saturated near 45-50k chunks/s. The fast path (``fast``)
+costs ~9-12 us per chunk at c >= 256 on a 2-core box (bench_client, Node null
+server; about 7-8 us of that is the kernel's and the event loop's share for
+one socket read, measured with a protocol that does nothing), so one process
+feeds ~100k chunks/s at ~85-90 % of a core; 256 slots per worker keeps
+headroom for the refill bursts.
 """
 
 from __future__ import annotations
