@@ -85,8 +85,13 @@ def theirs(vllm: list[str], url: str, model_dir: str, served: str, input_len: in
         print(f"warning: vllm bench serve: only {done} of {prompts} requests completed at c={concurrency}",
               file=sys.stderr)
     # Its own per-request times, on our window definition: first send -> last finish.
-    starts, ends = r["start_times"], [t + lat for t, lat in zip(r["start_times"], r["latencies"])]
-    span = max(ends) - min(starts)
+    # (older vLLM releases save no per-request start times: fall back to their duration)
+    latencies = r.get("latencies") or r.get("e2els")
+    if r.get("start_times") and latencies:
+        starts, ends = r["start_times"], [t + lat for t, lat in zip(r["start_times"], latencies)]
+        span = max(ends) - min(starts)
+    else:
+        span = r["duration"]
     return {"failed": prompts - done, "span_s": span, "span_tok_s": r["total_output_tokens"] / span,
             "output_tok_s": r["output_throughput"], "tpot_p50_ms": r["median_tpot_ms"],
             "tpot_mean_ms": r["mean_tpot_ms"], "ttft_p50_ms": r["median_ttft_ms"],

@@ -1,10 +1,13 @@
 """Cheap server-sent-events parsing for OpenAI-style streams.
 
 Only the final usage chunk (and error objects) are JSON-parsed. Whether a
-chunk carries generated text is decided by one compiled regex on the raw
-bytes: a non-empty JSON string under ``text`` (completions) or ``content`` /
-``reasoning_content`` / ``reasoning`` (chat deltas). Inside a JSON string a
-quote is always escaped, so the pattern cannot match inside generated text.
+chunk carries a generated token is decided by one compiled regex on the raw
+bytes: a ``text`` string (completions; it may be empty, as vLLM's own
+benchmark counts it: a token can decode to no text, e.g. a special token or
+half a UTF-8 character) or a non-empty ``content`` / ``reasoning_content`` /
+``reasoning`` string (chat deltas; the first delta carries only the role and
+an empty content). Inside a JSON string a quote is always escaped, so the
+pattern cannot match inside generated text.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import json
 import re
 
-# "text":"x  |  "content": "x  -- a non-empty string value
-_TEXT = re.compile(rb'"(?:text|content|reasoning_content|reasoning)"\s*:\s*"(?!")')
+# "text":"...  (any string)  |  "content": "x  (a non-empty string)
+_TEXT = re.compile(rb'"text"\s*:\s*"|"(?:content|reasoning_content|reasoning)"\s*:\s*"(?!")')
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _ERROR = re.compile(rb'"error"\s*:\s*[{"]')
 
