@@ -134,6 +134,7 @@ class Mm27Config:
     workers: int | None = None
     startup_timeout_s: float | None = None
     level_timeout_s: float | None = None
+    hardware: str | None = None             # overrides the topologies' hardware profile
     seed: int = 0
     trials: int = 1
     baseline: str | None = None             # "auto" or a path
@@ -220,6 +221,7 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         startup_timeout_s=_convert("mm27_startup_timeout", startup, parse_positive_float) if startup else None,
         level_timeout_s=(_convert("mm27_level_timeout", get("level_timeout"), parse_positive_float)
                          if get("level_timeout") else None),
+        hardware=get("hardware") or None,
         seed=int(get("seed") or 0),
         trials=_convert("mm27_trials", get("trials") or "1", parse_positive_int),
         baseline=_baseline_spec(get("baseline"), path),

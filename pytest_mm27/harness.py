@@ -7,6 +7,7 @@ every level as soon as it is measured and tears everything down on close().
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -68,6 +69,10 @@ class Harness:
         check_writable_dir(cfg.results_dir)     # a bad --results-dir fails now, before anything boots
         topo_catalog = load_catalog([*cfg.topology_dirs, *catalog_dirs("topologies")])
         self.topologies: list[Topology] = topo_catalog.select(cfg.topologies)
+        if cfg.hardware:
+            # The box differs from the topology's reference: floors, baselines and the
+            # simulator then use this profile.
+            self.topologies = [dataclasses.replace(t, hardware=cfg.hardware) for t in self.topologies]
         self.workload: Workload = load_workloads([*cfg.workload_dirs, *catalog_dirs("workloads")]).get(cfg.workload)
         self._floor_dirs = [*cfg.floor_dirs, *catalog_dirs("floors")]
         self._floors: dict[str, FloorTable] = {}

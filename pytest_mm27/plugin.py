@@ -53,6 +53,8 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
      "'/venv/bin/python -m vllm.entrypoints.cli.main'); env MM27_VLLM", {"metavar": "CMD"}),
     ("api_key", "string", "API key passed to servers we boot and sent by the client; env MM27_API_KEY",
      {"metavar": "KEY"}),
+    ("hardware", "string", "hardware profile of this box when it differs from the topologies' "
+     "(picks floors, baselines and the simulator's GPU), e.g. h200", {"metavar": "PROFILE"}),
     ("host", "string", "address servers bind to (default 127.0.0.1)", {"metavar": "HOST"}),
     ("sim_fault", "linelist", f"simulator fault knob NAME=VALUE: {', '.join(SIM_FAULTS)} (repeatable)",
      {"action": "append", "type": parse_sim_fault, "metavar": "KNOB"}),

@@ -141,6 +141,7 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)     # mkstemp makes 0600; records are for any reader
         os.replace(tmp, path)
     except BaseException:
         try:
