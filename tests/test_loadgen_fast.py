@@ -18,7 +18,12 @@ import pytest
 from test_loadgen import FakeServer, closed_port, make_workload, serve  # noqa: F401  (fixture)
 
 from pytest_mm27.loadgen import run_level
-from pytest_mm27.loadgen.client import LEVEL_TIMEOUT_REASON, Client, fast_path_enabled, run_sync
+from pytest_mm27.loadgen.client import (
+    LEVEL_TIMEOUT_REASON,
+    Client,
+    fast_path_enabled,
+    run_sync,
+)
 from pytest_mm27.loadgen.fast import FastEndpoint
 
 
