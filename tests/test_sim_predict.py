@@ -95,7 +95,7 @@ def test_predict_json_format_and_determinism():
     assert r1.returncode == 0, r1.stderr
     data = json.loads(r1.stdout)
     assert [d["concurrency"] for d in data] == [1, 8, 32]
-    keys = {"concurrency", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2el_p50_ms", "requests"}
+    keys = {"concurrency", "output_tok_s", "stream_output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2el_p50_ms", "requests"}
     for d in data:
         assert set(d) == keys
         assert d["output_tok_s"] > 0 and d["ttft_p99_ms"] >= d["ttft_p50_ms"] > 0 and d["tpot_p50_ms"] > 0
