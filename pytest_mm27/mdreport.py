@@ -25,7 +25,7 @@ from .compare import (
     level_trials,
     tolerance_text,
 )
-from .report import record_title
+from .report import fmt_number, percentile_of, record_title
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 _ICON = {REGRESSED: "❌ regressed", IMPROVED: "✅ improved", INVALID: "⚠️ invalid", MISSING: "➖ missing",
@@ -37,17 +37,7 @@ def _cell(text: Any) -> str:
 
 
 def _num(value: Any, spec: str = ",.0f", suffix: str = "") -> str:
-    if value is None:
-        return "–"
-    try:
-        return f"{float(value):{spec}}{suffix}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _pct(metrics: Mapping[str, Any], key: str, pct: str) -> Any:
-    block = metrics.get(key) or {}
-    return block.get(pct) if isinstance(block, Mapping) else None
+    return fmt_number(value, spec, suffix, missing="–")
 
 
 def _change(m: MetricComparison | None) -> str:
@@ -98,8 +88,8 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
         trials = level_trials(entry)
         # With a comparison the values are geometric means over trials (the numbers that were judged).
         now_tp = tp.now if tp and tp.now is not None else m.get("output_tok_s")
-        now_ttft = ttft.now if ttft and ttft.now is not None else _pct(m, "ttft_ms", "p99")
-        now_tpot = tpot.now if tpot and tpot.now is not None else _pct(m, "tpot_ms", "p50")
+        now_ttft = ttft.now if ttft and ttft.now is not None else percentile_of(m, "ttft_ms", "p99")
+        now_tpot = tpot.now if tpot and tpot.now is not None else percentile_of(m, "tpot_ms", "p50")
         errors = f"{m.get('failed', 0)}/{m.get('requests', 0)}" if m else "–"
         if len(trials) > 1:
             failed = sum(int(t.get("failed") or 0) for t in trials)

@@ -7,16 +7,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def _fmt(value: Any, spec: str = ",.0f", suffix: str = "") -> str:
+def fmt_number(value: Any, spec: str = ",.0f", suffix: str = "", missing: str = "-") -> str:
     if value is None:
-        return "-"
+        return missing
     try:
         return f"{float(value):{spec}}{suffix}"
     except (TypeError, ValueError):
         return str(value)
 
 
-def _pct(metrics: Mapping[str, Any], key: str, pct: str) -> Any:
+def percentile_of(metrics: Mapping[str, Any], key: str, pct: str) -> Any:
     block = metrics.get(key) or {}
     return block.get(pct) if isinstance(block, Mapping) else None
 
@@ -46,17 +46,17 @@ def level_rows(levels: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
             verdict += " (client-bound)"
         row = (
             str(lv["concurrency"]),
-            _fmt(tok_s) + mark,
-            _fmt(m.get("stream_output_tok_s")),
-            _fmt(_pct(m, "ttft_ms", "p50"), ",.0f", " ms"),
-            _fmt(_pct(m, "ttft_ms", "p99"), ",.0f", " ms"),
-            _fmt(_pct(m, "tpot_ms", "p50"), ",.1f", " ms"),
+            fmt_number(tok_s) + mark,
+            fmt_number(m.get("stream_output_tok_s")),
+            fmt_number(percentile_of(m, "ttft_ms", "p50"), ",.0f", " ms"),
+            fmt_number(percentile_of(m, "ttft_ms", "p99"), ",.0f", " ms"),
+            fmt_number(percentile_of(m, "tpot_ms", "p50"), ",.1f", " ms"),
             errors,
-            _fmt(lv.get("floor")),
+            fmt_number(lv.get("floor")),
         )
         if gpu:
             telemetry = m.get("gpu") or {}
-            row += (_fmt(telemetry.get("power_w_mean")), _fmt(telemetry.get("j_per_output_token"), ".3f"))
+            row += (fmt_number(telemetry.get("power_w_mean")), fmt_number(telemetry.get("j_per_output_token"), ".3f"))
         rows.append((*row, verdict))
     return rows
 
