@@ -32,6 +32,7 @@ from .paths import catalog_dirs
 from .record import (
     SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, host_info, new_run_id, now_iso,
 )
+from .sim.specs import fit_errors
 from .telemetry import GpuSampler
 from .topology import Topology, load_catalog
 from .verdict import ERROR, FAIL, Verdict, judge_level
@@ -96,6 +97,7 @@ class Harness:
         self._records: dict[str, RunRecord] = {}
         self._git = git_commit(rootdir)
         self.baselines: dict[str, BaselineMatch] = self._resolve_baselines()
+        self._sim_errors = fit_errors() if any(c.name == "sim" for c in self.choices.values()) else {}
         for topology in self.topologies:        # a broken floors file is bad input: refuse it now
             self.floors_for(topology)
 
@@ -308,7 +310,8 @@ class Harness:
             live.record.add_level(entry)
             return entry, verdict
         data = median_trial(trials)
-        verdict = judge_level(data, floor, self.cfg.max_error_rate)
+        model_error = self._sim_errors.get((topology.name, concurrency)) if self.choices[topology.name].name == "sim" else None
+        verdict = judge_level(data, floor, self.cfg.max_error_rate, model_error=model_error)
         entry |= {"metrics": data, "trials": trials, "verdict": verdict.to_dict()}
         live.record.add_level(entry)
         verdict = self._compare_level(live, entry, verdict)

@@ -86,8 +86,14 @@ def test_calibration_quality_does_not_regress(catalog, default_workload):
     errs = _errors(catalog, default_workload)
     rms = math.sqrt(sum(math.log(1 + e) ** 2 for *_, e in errs) / len(errs))
     assert rms <= 0.13, rms
+    # The robust fit leaves the source's inconsistent points out (TP=4 flat from c=64
+    # to 128 while TP=2 engines keep scaling): they stay the worst, about a third off.
     worst = max(errs, key=lambda r: abs(r[-1]))
-    assert abs(worst[-1]) <= 0.25, worst
+    assert abs(worst[-1]) <= 0.36, worst
+    within_5 = [r for r in errs if abs(r[-1]) <= 0.05]
+    assert len(within_5) >= 12, within_5
+    # dp3, the product's headline (weighted in the fit), within 5% at both points.
+    assert all(abs(e) <= 0.05 for n, c, m, p, e in errs if n == "dp3"), [r for r in errs if r[0] == "dp3"]
 
 
 def test_predict_json_format_and_determinism():

@@ -201,6 +201,7 @@ def parse_model(path: Path) -> ModelSpec:
 
 def parse_calibration(path: Path) -> Calibration:
     t = Table(read_toml(path), path)
+    t.raw("fit_error", {})      # read by fit_errors(); not a constant
     values: dict[str, Any] = {}
     for f in fields(Calibration):
         if not t.has(f.name):
@@ -230,6 +231,21 @@ def load_hardware(name: str, extra: list[Path] | None = None) -> HardwareProfile
 
 def load_model(name: str, extra: list[Path] | None = None) -> ModelSpec:
     return parse_model(_find("models", name, extra))
+
+
+def fit_errors(extra: list[Path] | None = None) -> dict[tuple[str, int], float]:
+    """(topology, concurrency) -> predicted / published - 1 at the published points."""
+    for folder in catalog_dirs("sim", extra):
+        path = folder / "calibration.toml"
+        if path.is_file():
+            table = read_toml(path).get("fit_error", {})
+            out: dict[tuple[str, int], float] = {}
+            for key, err in table.items():
+                name, _, c = key.rpartition(".")
+                if name and c.isdigit() and isinstance(err, (int, float)):
+                    out[(name, int(c))] = float(err)
+            return out
+    return {}
 
 
 def load_calibration(extra: list[Path] | None = None) -> Calibration:
