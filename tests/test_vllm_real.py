@@ -195,8 +195,11 @@ def test_two_replicas_are_balanced_by_the_client(no_leftovers, clean_host):
     seen = json.loads((pytester.path / "metrics-c8.json").read_text())
     assert len(seen) == 2
     requests = {ep: sum(per_engine(lines, "vllm:request_success_total").values()) for ep, lines in seen.items()}
-    # 2 warm-up + 32 measured requests, least-outstanding balanced: both serve a fair share.
-    assert all(n >= 8 for n in requests.values()), requests
+    # 2 warm-up + 32 measured requests. Least outstanding requests splits every ramp-up
+    # evenly (1/1 warm-up, 4/4 of the first 8); after that a faster replica rightly takes
+    # more (on a loaded 2-core box one core is often busier), so only the floor is fixed.
+    assert sum(requests.values()) == 34, requests
+    assert all(n >= 5 for n in requests.values()), requests
     assert_clean_teardown(record)
 
 
