@@ -113,6 +113,9 @@ def _mm27_wanted(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mm27: a pytest-mm27 benchmark level (added automatically)")
+    if not config.pluginmanager.hasplugin("xdist"):
+        # Levels carry xdist_group marks for `-n N`; without xdist the mark is just a label.
+        config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker")
     if not _mm27_wanted(config):
         return
     try:
