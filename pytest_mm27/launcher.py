@@ -43,6 +43,7 @@ __all__ = [
     "TeardownReport",
     "free_port",
     "install_signal_handlers",
+    "processes_under",
     "port_in_use",
     "stop_all",
 ]
@@ -179,6 +180,29 @@ class TeardownReport:
             text += "; GPU memory not freed: " + ", ".join(
                 f"GPU {i} {mb} MiB" for i, mb in sorted(self.gpu_memory_in_use_mb.items()))
         return text
+
+
+def processes_under(path: Path) -> list[str]:
+    """Live processes whose working folder is ``path`` or below: what a run started there left.
+
+    Tests and the fault suite use it to prove teardown left nothing running.
+    """
+    found = []
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2:].startswith("Z"):
+            continue
+        if cwd == str(path) or cwd.startswith(str(path) + os.sep):
+            found.append(f"{pid}: {cmd.strip()[:160]}")
+    return found
 
 
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

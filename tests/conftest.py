@@ -1,31 +1,15 @@
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
+from pytest_mm27.launcher import processes_under
+
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def processes_under(path: Path) -> list[str]:
-    """Processes whose working directory is inside ``path`` (ours, started by a test)."""
-    found = []
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cwd == str(path) or cwd.startswith(str(path) + os.sep):
-            found.append(f"{pid}: {cmd.strip()}")
-    return found
 
 
 @pytest.fixture

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..launcher import processes_under
+
 REPO = Path(__file__).resolve().parents[2]
 
 TOPOLOGY = """\
@@ -131,26 +133,6 @@ class Scenario:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def processes_under(path: Path) -> list[str]:
-    """Live processes whose working folder is ``path`` or below (all started by a scenario)."""
-    found = []
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2:].startswith("Z"):
-            continue
-        if cwd == str(path) or cwd.startswith(str(path) + os.sep):
-            found.append(f"{pid}: {cmd.strip()[:160]}")
-    return found
-
 
 def read_records(workdir: Path) -> list[dict[str, Any]]:
     out = []
