@@ -9,12 +9,26 @@ import pytest
 from test_plugin import records, run, setup
 
 
+ATTEMPTS = 3
+
+
+def client_bound(record: dict) -> bool:
+    return any(t.get("client_bound") for lv in record["levels"] for t in lv.get("trials", []))
+
+
 def test_save_compare_and_catch_a_slowdown(no_leftovers):
     pytester = no_leftovers
     setup(pytester, levels="[2, 8]")
     common = ("--topology", "tiny", "--trials", "2")
 
-    run(pytester, *common, "--save-baseline").assert_outcomes(passed=2)
+    # A starved client (a loaded CI box) makes a level client-bound, and the
+    # gate rightly refuses to judge such levels; measure again until clean.
+    for attempt in range(ATTEMPTS):
+        run(pytester, *common, "--save-baseline", *(("--force",) if attempt else ())).assert_outcomes(passed=2)
+        if not client_bound(records(pytester)[-1]):
+            break
+    else:
+        pytest.fail(f"every baseline run of {ATTEMPTS} was client-bound: the machine is too loaded to test the gate")
     [baseline] = list(pytester.path.glob("results/baselines/sim-rtx-pro-6000/tiny--quick.json"))
     saved = json.loads(baseline.read_text())
     assert saved["baseline"]["key"] == {"profile": "sim-rtx-pro-6000", "topology": "tiny", "workload": "quick"}
@@ -30,8 +44,11 @@ def test_save_compare_and_catch_a_slowdown(no_leftovers):
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*vs baseline *tiny--quick.json*"])
 
-    result = run(pytester, *common, "--baseline", "auto", "--sim-fault", "slowdown=1.6",
-                 "--report-md", "slow.md")
+    for _ in range(ATTEMPTS):
+        result = run(pytester, *common, "--baseline", "auto", "--sim-fault", "slowdown=1.6",
+                     "--report-md", "slow.md")
+        if not client_bound(records(pytester)[-1]):
+            break
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*output_tok_s regressed at c=*baseline*now*tolerance 5%*noise band*"])
     report = (pytester.path / "slow.md").read_text()
