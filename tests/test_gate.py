@@ -16,21 +16,33 @@ def client_bound(record: dict) -> bool:
     return any(t.get("client_bound") for lv in record["levels"] for t in lv.get("trials", []))
 
 
+def run_until(pytester: pytest.Pytester, clean, *args: str, retry_args: tuple[str, ...] = ()) -> pytest.RunResult:
+    """Run up to ATTEMPTS times until ``clean(result, record)`` holds; return the last result.
+
+    The simulator runs on the wall clock, so a loaded CI box can starve the
+    client (client-bound levels, which the gate rightly refuses to judge) or
+    shift latencies between two sessions. What these tests check is the
+    gate's plumbing, which a clean run must show; they are not a noise study
+    (benchmarks/gate_accuracy.py is).
+    """
+    for attempt in range(ATTEMPTS):
+        result = run(pytester, *args, *(retry_args if attempt else ()))
+        if clean(result, records(pytester)[-1]):
+            break
+    return result
+
+
 def test_save_compare_and_catch_a_slowdown(no_leftovers):
     pytester = no_leftovers
     setup(pytester, levels="[2, 8]")
     common = ("--topology", "tiny", "--trials", "2")
 
-    # A starved client (a loaded CI box) makes a level client-bound, and the
-    # gate rightly refuses to judge such levels; measure again until clean.
-    for attempt in range(ATTEMPTS):
-        run(pytester, *common, "--save-baseline", *(("--force",) if attempt else ())).assert_outcomes(passed=2)
-        if not client_bound(records(pytester)[-1]):
-            break
-    else:
-        pytest.fail(f"every baseline run of {ATTEMPTS} was client-bound: the machine is too loaded to test the gate")
+    result = run_until(pytester, lambda r, rec: not client_bound(rec), *common, "--save-baseline",
+                       retry_args=("--force",))
+    result.assert_outcomes(passed=2)
     [baseline] = list(pytester.path.glob("results/baselines/sim-rtx-pro-6000/tiny--quick.json"))
     saved = json.loads(baseline.read_text())
+    assert not client_bound(saved), "every baseline run was client-bound: the machine is too loaded to test the gate"
     assert saved["baseline"]["key"] == {"profile": "sim-rtx-pro-6000", "topology": "tiny", "workload": "quick"}
     assert all(len(lv["trials"]) == 2 for lv in saved["levels"])
 
@@ -40,15 +52,13 @@ def test_save_compare_and_catch_a_slowdown(no_leftovers):
     result.stdout.fnmatch_lines(["*already exists*--force*"])
     assert json.loads(baseline.read_text())["created_at"] == saved["created_at"]
 
-    result = run(pytester, *common, "--baseline", "auto", "--report-md", "report.md")
+    result = run_until(pytester, lambda r, rec: r.ret == pytest.ExitCode.OK,
+                       *common, "--baseline", "auto", "--report-md", "report.md")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*vs baseline *tiny--quick.json*"])
 
-    for _ in range(ATTEMPTS):
-        result = run(pytester, *common, "--baseline", "auto", "--sim-fault", "slowdown=1.6",
-                     "--report-md", "slow.md")
-        if not client_bound(records(pytester)[-1]):
-            break
+    result = run_until(pytester, lambda r, rec: not client_bound(rec),
+                       *common, "--baseline", "auto", "--sim-fault", "slowdown=1.6", "--report-md", "slow.md")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*output_tok_s regressed at c=*baseline*now*tolerance 5%*noise band*"])
     report = (pytester.path / "slow.md").read_text()
