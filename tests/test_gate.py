@@ -6,30 +6,7 @@ import json
 
 import pytest
 
-from test_plugin import records, run, setup
-
-
-ATTEMPTS = 3
-
-
-def client_bound(record: dict) -> bool:
-    return any(t.get("client_bound") for lv in record["levels"] for t in lv.get("trials", []))
-
-
-def run_until(pytester: pytest.Pytester, clean, *args: str, retry_args: tuple[str, ...] = ()) -> pytest.RunResult:
-    """Run up to ATTEMPTS times until ``clean(result, record)`` holds; return the last result.
-
-    The simulator runs on the wall clock, so a loaded CI box can starve the
-    client (client-bound levels, which the gate rightly refuses to judge) or
-    shift latencies between two sessions. What these tests check is the
-    gate's plumbing, which a clean run must show; they are not a noise study
-    (benchmarks/gate_accuracy.py is).
-    """
-    for attempt in range(ATTEMPTS):
-        result = run(pytester, *args, *(retry_args if attempt else ()))
-        if clean(result, records(pytester)[-1]):
-            break
-    return result
+from test_plugin import client_bound, records, run, run_until, setup
 
 
 def test_save_compare_and_catch_a_slowdown(no_leftovers):

@@ -65,6 +65,29 @@ def records(pytester: pytest.Pytester) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(pytester.path.glob("results/runs/*/*.json"))]
 
 
+ATTEMPTS = 3
+
+
+def client_bound(record: dict) -> bool:
+    return any(t.get("client_bound") for lv in record["levels"] for t in lv.get("trials", []))
+
+
+def run_until(pytester: pytest.Pytester, clean, *args: str, retry_args: tuple[str, ...] = ()) -> pytest.RunResult:
+    """Run up to ATTEMPTS times until ``clean(result, record)`` holds; return the last result.
+
+    The simulator runs on the wall clock, so a loaded CI box can starve the
+    client (client-bound levels, which the gate rightly refuses to judge) or
+    shift latencies between two sessions. What these tests check is the
+    gate's plumbing, which a clean run must show; they are not a noise study
+    (benchmarks/gate_accuracy.py is).
+    """
+    for attempt in range(ATTEMPTS):
+        result = run(pytester, *args, *(retry_args if attempt else ()))
+        if clean(result, records(pytester)[-1]):
+            break
+    return result
+
+
 def test_replicas_sweep_passes_and_writes_record(no_leftovers):
     pytester = no_leftovers
     setup(pytester, floors={1: 1.0})
@@ -111,7 +134,7 @@ def test_slowdown_knob_breaks_a_floor_that_holds(no_leftovers):
     run(pytester, "--topology", "tiny").assert_outcomes(passed=1)
     measured = records(pytester)[0]["levels"][0]["metrics"]["output_tok_s"]
     setup(pytester, levels="[4]", floors={4: measured * 0.7})
-    run(pytester, "--topology", "tiny").assert_outcomes(passed=1)
+    run_until(pytester, lambda r, rec: r.ret == pytest.ExitCode.OK, "--topology", "tiny").assert_outcomes(passed=1)
     result = run(pytester, "--topology", "tiny", "--sim-fault", "slowdown=2.0")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*is below the floor*"])
