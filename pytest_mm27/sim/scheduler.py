@@ -122,45 +122,34 @@ class Engine:
         running = self.running
         seqs: list[Seq] = []
         counts: list[int] = []
-        tokens = sampled = kv = 0
-        pairs = 0.0
         preempted = 0
         i = 0
+        # Running requests first: a decode token each, or the next prefill chunk.
         while i < len(running) and budget > 0:
             s = running[i]
-            total = s.prompt_len + s.generated
-            n = total - s.computed
+            n = s.prompt_len + s.generated - s.computed
             if n > budget:
                 n = budget
-            need = -(-(s.computed + n) // bs) - s.blocks
-            self_preempted = False
-            while need > self.free_blocks:
+            need = -(-(s.computed + n) // bs) - s.blocks      # KV blocks to book
+            victim = None
+            while need > self.free_blocks and victim is not s:
                 victim = running.pop()
                 self._preempt(victim)
                 preempted += 1
-                if victim is s:
-                    self_preempted = True
-                    break
-            if self_preempted:
-                break
+            if victim is s:
+                break       # s was the newest left: nothing more fits this step
             self.free_blocks -= need
             s.blocks += need
             seqs.append(s)
             counts.append(n)
             budget -= n
-            tokens += n
-            kv += s.computed + n
-            if s.computed + n == total:
-                sampled += 1
-            if n > 1:
-                pairs += n * (s.computed + (n + 1) / 2)
             i += 1
+        # Then new requests, unless this step had to preempt.
         if not preempted:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 s = waiting[0]
-                total = s.prompt_len + s.generated
-                n = total - s.computed
+                n = s.prompt_len + s.generated - s.computed
                 if n > budget:
                     n = budget
                 need = -(-(s.computed + n) // bs) - s.blocks
@@ -176,14 +165,17 @@ class Engine:
                 seqs.append(s)
                 counts.append(n)
                 budget -= n
-                tokens += n
-                kv += s.computed + n
-                if s.computed + n == total:
-                    sampled += 1
-                if n > 1:
-                    pairs += n * (s.computed + (n + 1) / 2)
         if not seqs:
             return None
+        tokens = sampled = kv = 0
+        pairs = 0.0
+        for s, n in zip(seqs, counts):
+            tokens += n
+            kv += s.computed + n
+            if s.computed + n == s.prompt_len + s.generated:
+                sampled += 1
+            if n > 1:       # a prefill chunk attends to itself and the context before it
+                pairs += n * (s.computed + (n + 1) / 2)
         duration = self.perf.step_time(tokens, len(seqs), sampled, kv, pairs)
         return StepPlan(seqs, counts, duration, tokens, preempted)
 
