@@ -352,27 +352,44 @@ def run_others(server: NullServer, levels: list[int], args) -> list[Row]:
             elif tok is None:
                 rows.append(Row("guidellm", c, note="no tokenizer (tinymodel failed)"))
             else:
-                # GuideLLM >= 0.8 CLI (kind=...,key=value options).
-                argv = [guidellm, "run", "--disable-console-interactive",
-                        "--backend", f"kind=openai_http,target={server.url},model='null'",
+                # GuideLLM 0.8 CLI (kind=...,key=value options); its JSON output is parsed,
+                # not the console tables.
+                report = Path(tmp) / f"guidellm-c{c}.json"
+                argv = [guidellm, "run", "--disable-console",
+                        "--backend", f"kind=openai_http,target={server.url},model='null',"
+                                     "request_format=/v1/completions",
                         "--profile", f"kind=concurrent,streams={c}",
                         "--constraint", f"kind=max_requests,count={int(args.requests_per_c * c)}",
                         "--data", f"kind=synthetic_text,prompt_tokens=128,output_tokens={args.output_tokens}",
-                        "--tokenizer", f"kind=hf_auto,pretrained_model_name_or_path={tok}",
-                        "--output", "kind=console"]
-                rows.append(run_external("guidellm", argv, server, c, args.output_tokens, parse_guidellm))
+                        "--tokenizer", f"kind=hf_auto,model={tok}",
+                        "--output", f"kind=json,path={report}"]
+                rows.append(run_external("guidellm", argv, server, c, args.output_tokens,
+                                         lambda out, row, report=report: parse_guidellm(report, row)))
             print_table(rows[-1:], args.step_ms, header=False)
     return rows
 
 
-def parse_guidellm(out: str, row: Row) -> None:
-    # GuideLLM prints a results table; take the first concurrent row's numbers when recognisable.
-    m = re.search(r"concurrent@[0-9.]+\s*\|([^\n]+)", out)
-    if not m:
+def parse_guidellm(report: Path, row: Row) -> None:
+    """Read GuideLLM's JSON report: its whole-run output tok/s, ITL and TTFT.
+
+    GuideLLM's "TPOT" divides the whole request latency (TTFT included) by the
+    output tokens; its ITL is (last - first token) / (tokens - 1), which is
+    what vllm bench and we call TPOT, so ITL is the column compared.
+    """
+    import json
+    try:
+        metrics = json.loads(report.read_text())["benchmarks"][0]["metrics"]
+    except (OSError, ValueError, KeyError, IndexError):
         return
-    nums = [float(x) for x in re.findall(r"[0-9]+\.[0-9]+", m.group(1))]
-    if nums:
-        row.note = "raw row: " + " ".join(f"{x:g}" for x in nums[:12])
+
+    def stat(name: str, which: str, key: str) -> float:
+        value = ((metrics.get(name) or {}).get(which) or {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    row.tok_s = stat("output_tokens_per_second", "total", "mean")
+    row.tpot = stat("inter_token_latency_ms", "successful", "mean")
+    row.ttft_p50 = stat("time_to_first_token_ms", "successful", "median")
+    row.failed = int((metrics.get("request_totals") or {}).get("errored") or 0)
 
 
 if __name__ == "__main__":
