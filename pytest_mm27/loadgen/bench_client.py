@@ -49,7 +49,7 @@ from . import run_level
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SERVER_JS = Path("/work/shared/tools/null_sse_server.js")
 VLLM_CANDIDATES = [REPO / ".venv-vllm" / "bin" / "vllm"]
-GUIDELLM_CANDIDATES = [REPO / ".venv-guidellm" / "bin" / "guidellm", Path("/tmp/venv-guidellm/bin/guidellm")]
+GUIDELLM_CANDIDATES = [REPO / ".venv-guidellm" / "bin" / "guidellm"]
 
 PROBE = r"""
 import socket, sys, time, json
