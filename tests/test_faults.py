@@ -29,6 +29,7 @@ from pytest_mm27.engines.base import EngineOptions
 from pytest_mm27.engines.sim import SimEngine
 from pytest_mm27.errors import LaunchError
 from pytest_mm27.gpus import lease_devices, lock_path
+from pytest_mm27.testing import sim_topology
 from pytest_mm27.launcher import Launcher
 from pytest_mm27.loadgen import run_level
 from pytest_mm27.topology import parse_topology
@@ -155,7 +156,7 @@ def test_sim_stream_faults_are_counted_by_reason(tmp_path):
 
 def test_pinned_port_already_taken_is_refused_before_boot(tmp_path):
     topo_file = tmp_path / "tiny.toml"
-    topo_file.write_text(fault_suite.TOPOLOGY.format(levels="[1]", dp=1))
+    topo_file.write_text(sim_topology("tiny", [1], dp=1))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -13,34 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pytest_mm27.testing import floors_file, sim_topology
+
 REPO = Path(__file__).resolve().parents[1]
 
 SUITE = (REPO / "suites" / "test_throughput.py").read_text()
-
-TOPOLOGY = """
-name = "{name}"
-hardware = "rtx-pro-6000"
-concurrency_levels = {levels}
-startup_timeout_s = 60
-[model]
-name = "test/model"
-spec = "minimax-m2.7-nvfp4"
-[parallel]
-tensor = 2
-data = {dp}
-mode = "{mode}"
-[serve]
-max_model_len = 4096
-"""
-
-FLOOR = """
-[[floor]]
-topology = "{name}"
-workload = "quick"
-concurrency = {c}
-tok_s = {value}
-note = "test floor"
-"""
 
 
 def setup(pytester: pytest.Pytester, *, name="tiny", levels="[1, 4]", dp=2, mode="replicas",
@@ -48,11 +25,11 @@ def setup(pytester: pytest.Pytester, *, name="tiny", levels="[1, 4]", dp=2, mode
     pytester.makepyfile(test_throughput=SUITE)
     topo_dir = pytester.path / "topologies"
     topo_dir.mkdir(exist_ok=True)
-    (topo_dir / f"{name}.toml").write_text(TOPOLOGY.format(name=name, levels=levels, dp=dp, mode=mode))
+    (topo_dir / f"{name}.toml").write_text(sim_topology(name, levels, dp, mode))
     floor_dir = pytester.path / "floors"
     floor_dir.mkdir(exist_ok=True)
     (floor_dir / "rtx-pro-6000.toml").write_text(
-        "".join(FLOOR.format(name=name, c=c, value=v) for c, v in (floors or {}).items()))
+        floors_file(name, "quick", floors or {}))
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -217,7 +194,7 @@ def test_xdist_runs_each_topology_on_one_worker(no_leftovers):
     pytester = no_leftovers
     setup(pytester, name="ta", levels="[1, 2]")
     (pytester.path / "topologies" / "tb.toml").write_text(
-        TOPOLOGY.format(name="tb", levels="[1, 2]", dp=1, mode="native"))
+        sim_topology("tb", "[1, 2]", 1, "native"))
     result = run(pytester, "--topology", "ta,tb", "-n", "2", "-v")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*LoadGroupScheduling*"])

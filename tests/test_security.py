@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pytest_mm27.record import REDACTED, add_secret, is_secret_name, known_secrets, redact, write_json_atomic
+from pytest_mm27.testing import sim_topology
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,21 +30,7 @@ API_KEY = "s3cr3t-XYZ"
 HF_TOKEN = "hf_secret_ABC"
 TOPOLOGY_TOKEN = "tok_in_topology_123"
 
-TOPOLOGY = f"""
-name = "tiny"
-hardware = "rtx-pro-6000"
-concurrency_levels = [1, 2]
-[model]
-name = "org/model"
-spec = "minimax-m2.7-nvfp4"
-[parallel]
-tensor = 2
-data = 2
-mode = "replicas"
-[serve]
-max_model_len = 4096
-env = {{ MY_API_TOKEN = "{TOPOLOGY_TOKEN}" }}
-"""
+TOPOLOGY = sim_topology("tiny", [1, 2], serve_extra=f'env = {{ MY_API_TOKEN = "{TOPOLOGY_TOKEN}" }}')
 
 
 def test_secrets_never_reach_records_logs_or_reports(no_leftovers, monkeypatch):

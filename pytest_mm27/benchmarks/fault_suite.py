@@ -33,24 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ..launcher import processes_under
+from ..testing import floors_file, sim_topology
 
 REPO = Path(__file__).resolve().parents[2]
-
-TOPOLOGY = """\
-name = "tiny"
-hardware = "rtx-pro-6000"
-concurrency_levels = {levels}
-startup_timeout_s = 60
-[model]
-name = "test/model"
-spec = "minimax-m2.7-nvfp4"
-[parallel]
-tensor = 2
-data = {dp}
-mode = "replicas"
-[serve]
-max_model_len = 4096
-"""
 
 # The quick workload with a short stall timeout, so a hung stream fails in seconds.
 WORKLOAD = """\
@@ -62,15 +47,6 @@ requests_per_concurrency = 1
 min_requests = 2
 request_timeout_s = 60
 stall_timeout_s = {stall}
-"""
-
-FLOOR = """\
-[[floor]]
-topology = "tiny"
-workload = "faults"
-concurrency = {c}
-output_tok_s = {value}
-note = "fault-suite floor"
 """
 
 SUITE = '''
@@ -170,11 +146,11 @@ def prepare(workdir: Path, sc: Scenario) -> None:
     (workdir / "test_throughput.py").write_text(SUITE)
     for sub in ("topologies", "workloads", "floors"):
         (workdir / sub).mkdir(exist_ok=True)
-    (workdir / "topologies" / "tiny.toml").write_text(TOPOLOGY.format(levels=sc.levels, dp=sc.dp))
+    (workdir / "topologies" / "tiny.toml").write_text(sim_topology("tiny", sc.levels, sc.dp))
     (workdir / "workloads" / "faults.toml").write_text(
         WORKLOAD.format(output_tokens=sc.output_tokens, stall=sc.stall_s))
     (workdir / "floors" / "rtx-pro-6000.toml").write_text(
-        "".join(FLOOR.format(c=c, value=v) for c, v in sc.floors.items()))
+        floors_file("tiny", "faults", sc.floors, note="fault-suite floor"))
     if sc.setup is not None:
         sc.setup(workdir)
 

@@ -1,0 +1,24 @@
+"""The scratch-catalog builders stay valid catalog files (the fault suite once wrote floors with a stale key)."""
+
+from __future__ import annotations
+
+from pytest_mm27.floors import parse_floors
+from pytest_mm27.testing import floors_file, sim_topology
+from pytest_mm27.topology import parse_topology
+
+
+def test_sim_topology_parses(tmp_path):
+    path = tmp_path / "tb.toml"
+    path.write_text(sim_topology("tb", [1, 2], dp=3, mode="native", serve_extra='env = { A = "1" }'))
+    topo = parse_topology(path)
+    assert (topo.name, topo.concurrency_levels) == ("tb", (1, 2))
+    assert (topo.tensor_parallel, topo.data_parallel, topo.dp_mode) == (2, 3, "native")
+    assert topo.model.spec == "minimax-m2.7-nvfp4" and dict(topo.env) == {"A": "1"}
+
+
+def test_floors_file_parses(tmp_path):
+    path = tmp_path / "rtx-pro-6000.toml"
+    path.write_text(floors_file("tb", "quick", {4: 1e9, 8: 12.5}, note="why"))
+    floors = parse_floors(path)
+    assert {k: f.tok_s for k, f in floors.items()} == {("tb", "quick", 4): 1e9, ("tb", "quick", 8): 12.5}
+    assert all(f.metric == "output_tok_s" and f.note == "why" for f in floors.values())
