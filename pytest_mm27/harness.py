@@ -331,7 +331,7 @@ class Harness:
         entry["comparison"] = level.to_dict()
         regressions = tuple(m.message for m in level.metrics if m.status == REGRESSED)
         if regressions:
-            verdict = Verdict(FAIL, verdict.problems + regressions, verdict.notes)
+            verdict = Verdict(FAIL, verdict.problems + regressions, verdict.notes, verdict.tag)
             entry["verdict"] = verdict.to_dict()
         live.record.add_level(entry)
         return verdict

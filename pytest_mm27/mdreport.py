@@ -26,6 +26,7 @@ from .compare import (
     tolerance_text,
 )
 from .report import fmt_number, percentile_of, record_title
+from .verdict import verdict_label
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 _ICON = {REGRESSED: "❌ regressed", IMPROVED: "✅ improved", INVALID: "⚠️ invalid", MISSING: "➖ missing",
@@ -96,9 +97,7 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
             errors = f"{failed}/{sum(int(t.get('requests') or 0) for t in trials)}"
         if err is not None and err.change:
             errors += f" ({_change(err)})"
-        verdict = (entry.get("verdict") or {}).get("status", "–")
-        if m.get("client_bound"):
-            verdict += " (client-bound)"
+        verdict = verdict_label(entry, empty="–")
         gate = _ICON.get(lvc.status, lvc.status) if lvc else "–"
         lines.append("| " + " | ".join(_cell(x) for x in (
             c, _fmt("throughput", now_tp), _fmt("throughput", tp.baseline if tp else None), _change(tp),

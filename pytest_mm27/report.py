@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .verdict import verdict_label
+
 
 def fmt_number(value: Any, spec: str = ",.0f", suffix: str = "", missing: str = "-") -> str:
     if value is None:
@@ -41,9 +43,7 @@ def level_rows(levels: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
         tok_s = m.get("output_tok_s")
         mark = " *" if m and peak and tok_s == peak else "  "
         errors = f"{m.get('failed', 0)}/{m.get('requests', 0)}" if m else "-"
-        verdict = (lv.get("verdict") or {}).get("status", "-")
-        if m.get("client_bound"):
-            verdict += " (client-bound)"
+        verdict = verdict_label(lv)
         row = (
             str(lv["concurrency"]),
             fmt_number(tok_s) + mark,

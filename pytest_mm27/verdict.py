@@ -19,13 +19,15 @@ class Verdict:
     status: str                         # PASS, FAIL, INVALID or ERROR
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    tag: str = ""                       # why, in a word or two, for tables: "client-bound"
 
     @property
     def message(self) -> str:
         return "\n".join(self.problems or self.notes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "problems": list(self.problems), "notes": list(self.notes)}
+        return {"status": self.status, "problems": list(self.problems), "notes": list(self.notes),
+                "tag": self.tag}
 
 
 # A client-bound level that misses its floor by more than the client could have
@@ -39,6 +41,15 @@ def client_understatement(metrics: Mapping[str, Any]) -> float:
     queue = (metrics.get("queue_ms") or {}).get("mean") or 0.0
     e2el = (metrics.get("e2el_ms") or {}).get("mean") or 0.0
     return queue / (queue + e2el) if queue + e2el > 0 else 1.0
+
+
+def verdict_label(level: Mapping[str, Any], empty: str = "-") -> str:
+    """A level's verdict for tables: the status and, when there is one, why ("pass (client-bound)")."""
+    verdict = level.get("verdict") or {}
+    # Records written before verdicts had tags: the client-bound flag was the only reason shown.
+    tag = verdict.get("tag", "client-bound" if (level.get("metrics") or {}).get("client_bound") else "")
+    status = verdict.get("status", empty)
+    return f"{status} ({tag})" if tag else status
 
 
 def _top_errors(errors: Mapping[str, int], limit: int = 3) -> str:
@@ -76,19 +87,20 @@ def judge_level(metrics: Mapping[str, Any], floor: Floor | None, max_error_rate:
             notes.append(f"inside the simulator's own error here: it predicts {-model_error:.1%} below the "
                          "published figure at this point (fixtures/sim/calibration.toml [fit_error]); "
                          "not gated on the simulator")
-            return Verdict(INVALID, tuple(problems), tuple(notes))
+            return Verdict(INVALID, tuple(problems), tuple(notes), tag="within sim error")
         client_share = client_understatement(metrics)
         if metrics.get("client_bound") and shortfall <= client_share + CLIENT_SLACK:
             notes.append(floor_problem)
             notes.append(f"client-bound level, not gated: {metrics.get('client_bound_reason') or 'client was the limit'}"
                          f"; the client may have cost up to {client_share:.1%} of throughput")
-            return Verdict(INVALID, tuple(problems), tuple(notes))
+            return Verdict(INVALID, tuple(problems), tuple(notes), tag="client-bound")
         problems.append(floor_problem)
         if metrics.get("client_bound"):
             notes.append(f"client-bound ({metrics.get('client_bound_reason')}), but the client can explain at most "
                          f"{client_share:.1%} of a {shortfall:.1%} shortfall")
     if floor is None:
         notes.append("no floor for this level")
+    tag = "client-bound" if metrics.get("client_bound") else ""
     if problems:
-        return Verdict(FAIL, tuple(problems), tuple(notes))
-    return Verdict(PASS, (), tuple(notes))
+        return Verdict(FAIL, tuple(problems), tuple(notes), tag)
+    return Verdict(PASS, (), tuple(notes), tag)

@@ -35,6 +35,18 @@ def test_table_marks_peak_and_floor():
     assert "(* peak output tok/s)" in lines[-1]
 
 
+def test_verdict_column_says_why_a_level_is_not_gated():
+    sim_error = level(640, 9_760.0, verdict="invalid", floor=10_000)
+    sim_error["verdict"]["tag"] = "within sim error"
+    sim_error["metrics"]["client_bound"] = True      # the tag, not the flag, is the reason shown
+    flagged = level(384, 7_000.0)
+    flagged["metrics"]["client_bound"] = True        # an old record without tags: the flag is shown
+    lines = record_table({**RECORD, "levels": [flagged, sim_error]})
+    row = {ln.split()[0]: ln.rstrip() for ln in lines if ln.split()[:1] in (["384"], ["640"])}
+    assert row["640"].endswith("invalid (within sim error)")
+    assert row["384"].endswith("pass (client-bound)")
+
+
 def test_table_shows_power_and_energy_per_token_when_measured():
     gpu = {"power_w_mean": 612.4, "j_per_output_token": 0.0512, "energy_j": 100.0}
     lines = record_table({**RECORD, "levels": [level(8, 500.0, gpu=gpu)]})

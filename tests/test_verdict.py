@@ -58,6 +58,7 @@ def test_miss_inside_the_simulators_own_error_is_inconclusive():
     # the simulator predicts 4.4% below the published figure here: a 2% miss says nothing
     verdict = judge_level(metrics(tok_s=980), FLOOR, 0.0, model_error=-0.044)
     assert verdict.status == INVALID and "simulator's own error" in verdict.message
+    assert verdict.tag == "within sim error" and verdict.to_dict()["tag"] == "within sim error"
     # a miss larger than that error, or any miss where the model over-predicts, fails
     assert judge_level(metrics(tok_s=900), FLOOR, 0.0, model_error=-0.044).status == FAIL
     assert judge_level(metrics(tok_s=980), FLOOR, 0.0, model_error=+0.02).status == FAIL
