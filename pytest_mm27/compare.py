@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from .verdict import client_understatement
+from .verdict import client_understatement, verdict_label
 
 OK = "ok"
 REGRESSED = "regressed"
@@ -718,7 +718,7 @@ def comparison_rows(comparison: RecordComparison, record: Mapping[str, Any] | No
         noise = f"±{tp.noise:.1%}" if tp is not None and tp.noise is not None else "-"
         entry = by_c.get(lv.concurrency) or {}
         floor = f"{entry['floor']:,.0f}" if isinstance(entry.get("floor"), (int, float)) else "-"
-        verdict = (entry.get("verdict") or {}).get("status", "-")
+        verdict = verdict_label(entry)
         rows.append((str(lv.concurrency), _val(tp, "now"), _val(tp, "baseline"), _delta(tp),
                      _val(ttft, "now"), _val(ttft, "baseline"), _delta(ttft),
                      _val(tpot, "now"), _val(tpot, "baseline"), _delta(tpot),
