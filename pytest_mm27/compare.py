@@ -57,6 +57,14 @@ Trials within one session do not see slow drift between sessions (another
 node, a driver update): the tolerance is what absorbs that, which is why it
 is required on top of the noise test.
 
+One level at a time, a single trial per side needs about a 10 % change to be
+sure of it; a server 9 % slower at every level then passes every level. So
+throughput is also judged across the sweep: the mean of the levels' log
+ratios, whose interval shrinks with the number of comparable levels
+(independent runs), by the same rule (past tolerance and outside the
+interval). Latencies are judged per level only: on a shared machine their
+session-wide shifts are larger than the per-level noise model allows.
+
 Error rate is not a ratio: it fails when the run's error rate exceeds the
 baseline's by more than its limit (absolute, default 0: any increase fails).
 A level where either side had failed requests, was client-bound or timed out
@@ -290,10 +298,15 @@ def t_ppf(p: float, df: float) -> float:
 
 # ---- the comparison ------------------------------------------------------------------------
 
+SWEEP = 0               # MetricComparison.concurrency of a whole-sweep comparison
+SWEEP_MIN_LEVELS = 3    # fewer comparable levels add nothing to the per-level tests
+SWEEP_METRICS = ("throughput",)
+
+
 @dataclass
 class MetricComparison:
     metric: str                       # label, e.g. output_tok_s
-    concurrency: int
+    concurrency: int                  # SWEEP (0) for the whole sweep
     status: str
     message: str
     baseline: float | None = None     # geometric mean of the baseline's trials (arithmetic for error rate)
@@ -347,13 +360,17 @@ class RecordComparison:
     confidence: float
     noise_source: str                 # how the noise was measured, for the report
     baseline_info: dict[str, Any] = field(default_factory=dict)
+    sweep: list[MetricComparison] = field(default_factory=list)    # whole-sweep comparisons
 
     @property
     def status(self) -> str:
-        return worst(lv.status for lv in self.levels) if self.levels else MISSING
+        if not self.levels:
+            return MISSING
+        return worst([lv.status for lv in self.levels] + [m.status for m in self.sweep])
 
     def with_status(self, *statuses: str) -> list[MetricComparison]:
-        return [m for lv in self.levels for m in lv.metrics if m.status in statuses]
+        return [m for lv in self.levels for m in lv.metrics if m.status in statuses] + [
+            m for m in self.sweep if m.status in statuses]
 
     @property
     def regressions(self) -> list[MetricComparison]:
@@ -376,7 +393,8 @@ class RecordComparison:
         return {"topology": self.topology, "workload": self.workload, "profile": self.profile,
                 "baseline_path": self.baseline_path, "status": self.status, "tolerances": self.tolerances,
                 "confidence": self.confidence, "noise_source": self.noise_source,
-                "baseline_info": self.baseline_info, "levels": [lv.to_dict() for lv in self.levels]}
+                "baseline_info": self.baseline_info, "levels": [lv.to_dict() for lv in self.levels],
+                "sweep": [m.to_dict() for m in self.sweep]}
 
 
 def worst(statuses: Iterable[str]) -> str:
@@ -584,6 +602,17 @@ def compare_records(
                             else f"{spec.label} assumed ±{max(assumed_noise, spec.single_trial_noise or 0.0):.0%}"
                                  "/trial (single trials)")
                            + (f", own noise at c={','.join(map(str, apart))}" if apart else ""))
+    sweep = []
+    for spec in specs:
+        if spec.name not in SWEEP_METRICS or spec.name not in pooled:
+            continue
+        # levels with their own (larger) noise stay out: the pooled sigma does not describe them
+        parts = [(c, samples[(spec.name, c)]) for c in concurrencies
+                 if (spec.name, c) in samples and (spec.name, c) not in own_noise]
+        if len(parts) >= SWEEP_MIN_LEVELS:
+            sigma, df = pooled[spec.name]
+            sweep.append(_compare_sweep(spec, parts, tol[spec.name], sigma, df, confidence,
+                                        max(assumed_noise, spec.single_trial_noise or 0.0)))
     key_b, key_n = _key(baseline), _key(record)
     engine = baseline.get("engine") or {}
     return RecordComparison(
@@ -594,6 +623,7 @@ def compare_records(
         baseline_info={"created_at": baseline.get("created_at"), "git_commit": baseline.get("git_commit"),
                        "engine": engine.get("name"), "engine_version": engine.get("version"),
                        "saved_at": (baseline.get("baseline") or {}).get("saved_at")},
+        sweep=sweep,
     )
 
 
@@ -615,26 +645,34 @@ def _key(record: Mapping[str, Any]) -> tuple[str, str, str]:
             (record.get("workload") or {}).get("name") or "")
 
 
-def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma: float, df: int,
-                   confidence: float, assumed_noise: float) -> MetricComparison:
-    nb, nn = len(sample.logs_base), len(sample.logs_now)
-    mb = math.fsum(sample.logs_base) / nb
-    mn = math.fsum(sample.logs_now) / nn
-    d = mn - mb
+def _judge(spec: MetricSpec, d: float, se_unit: float, sigma: float, df: int, confidence: float,
+           assumed_noise: float, tol: float) -> tuple[str, float, tuple[float, float], float]:
+    """Status, ratio, interval and relative half-width for a mean log change ``d``.
+
+    ``se_unit``: the standard error of ``d`` in units of the per-trial sigma.
+    """
     if df > 0:
         q = t_ppf(confidence, df)
     else:
         sigma = math.log1p(assumed_noise)
         q = statistics.NormalDist().inv_cdf(confidence)
-    half = q * sigma * math.sqrt(1 / nb + 1 / nn)
+    half = q * sigma * se_unit
     ratio = math.exp(d)
     lo, hi = math.exp(d - half), math.exp(d + half)
-    noise = math.expm1(half)
     if spec.higher_is_better:
         worse, better = ratio < 1 - tol and hi < 1, ratio > 1 + tol and lo > 1
     else:
         worse, better = ratio > 1 + tol and lo > 1, ratio < 1 - tol and hi < 1
-    status = REGRESSED if worse else IMPROVED if better else OK
+    return (REGRESSED if worse else IMPROVED if better else OK), ratio, (lo, hi), math.expm1(half)
+
+
+def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma: float, df: int,
+                   confidence: float, assumed_noise: float) -> MetricComparison:
+    nb, nn = len(sample.logs_base), len(sample.logs_now)
+    mb = math.fsum(sample.logs_base) / nb
+    mn = math.fsum(sample.logs_now) / nn
+    status, ratio, (lo, hi), noise = _judge(spec, mn - mb, math.sqrt(1 / nb + 1 / nn), sigma, df, confidence,
+                                            assumed_noise, tol)
     base_v, now_v = math.exp(mb), math.exp(mn)
     two_sided = 2 * confidence - 1
     trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
@@ -643,6 +681,36 @@ def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma:
     if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
         message += "; past tolerance but within the noise"
     return MetricComparison(spec.label, c, status, message, base_v, now_v, ratio - 1, tol, noise, (lo, hi),
+                            two_sided, nb, nn, spec.higher_is_better, spec.name)
+
+
+def _compare_sweep(spec: MetricSpec, parts: Sequence[tuple[int, _Sample]], tol: float, sigma: float, df: int,
+                   confidence: float, assumed_noise: float) -> MetricComparison:
+    """The whole sweep: the mean over levels of each level's mean log change.
+
+    Levels count equally (a sweep is a curve, not a sum of requests); their
+    runs are independent, so the variance of the mean is the sum of the
+    levels' variances over L squared.
+    """
+    changes, weights = [], []
+    for _, sample in parts:
+        nb, nn = len(sample.logs_base), len(sample.logs_now)
+        changes.append(math.fsum(sample.logs_now) / nn - math.fsum(sample.logs_base) / nb)
+        weights.append(1 / nb + 1 / nn)
+    n = len(parts)
+    d = math.fsum(changes) / n
+    status, ratio, (lo, hi), noise = _judge(spec, d, math.sqrt(math.fsum(weights)) / n, sigma, df, confidence,
+                                            assumed_noise, tol)
+    two_sided = 2 * confidence - 1
+    nb = min(len(s.logs_base) for _, s in parts)
+    nn = min(len(s.logs_now) for _, s in parts)
+    where = ",".join(str(c) for c, _ in parts)
+    trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
+    message = (f"{spec.label} {status} across the sweep: {ratio - 1:+.1%} on average over {n} levels (c={where}), "
+               f"tolerance {tol:.0%}, {_fmt_band(noise, (lo, hi), two_sided)}; {trials}")
+    if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
+        message += "; past tolerance but within the noise"
+    return MetricComparison(spec.label, SWEEP, status, message, None, None, ratio - 1, tol, noise, (lo, hi),
                             two_sided, nb, nn, spec.higher_is_better, spec.name)
 
 
@@ -761,6 +829,9 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
                 lines.append(f"  {m.message}")
         if lv.note:
             lines.append(f"  c={lv.concurrency} {lv.status}: {lv.note}")
+    for m in comparison.sweep:
+        if verbose or m.status in (REGRESSED, IMPROVED):
+            lines.append(f"  {m.message}")
     return lines
 
 
@@ -779,6 +850,7 @@ __all__ = [
     "MetricComparison",
     "MetricSpec",
     "RecordComparison",
+    "SWEEP",
     "compare_records",
     "comparison_lines",
     "comparison_rows",

@@ -112,6 +112,7 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
     lines.append("")
     if comparison is not None:
         messages = [m.message for lv in comparison.levels for m in lv.metrics if m.status in (REGRESSED, IMPROVED)]
+        messages += [m.message for m in comparison.sweep if m.status in (REGRESSED, IMPROVED)]
         notes = [f"c={lv.concurrency} {lv.status}: {lv.note}" for lv in comparison.levels if lv.note]
         if messages or notes:
             lines += [f"- {_cell(x)}" for x in [*messages, *notes]] + [""]

@@ -15,6 +15,7 @@ from pytest_mm27.compare import (
     MISSING,
     OK,
     REGRESSED,
+    SWEEP,
     compare_records,
     comparison_lines,
     parse_tolerances,
@@ -290,3 +291,34 @@ def test_a_much_noisier_level_keeps_its_own_noise() -> None:
     for c in (8, 32, 64, 128, 256):                              # the quiet levels are not drowned
         m = result.level(c).get("throughput")
         assert m.noise < 0.05 and m.status == REGRESSED
+
+
+# ---- the whole sweep -----------------------------------------------------------------------
+
+def test_single_trials_a_uniform_9_percent_slowdown_is_caught_across_the_sweep() -> None:
+    # one trial a side: each level's band (assumed 3 %/trial) is wider than the change,
+    # but six levels all 9.1 % slower leave no doubt
+    result = compare_records(exact(trials=1), exact(trials=1, slowdown=1.1))
+    per_level = [lv.get("throughput") for lv in result.levels]
+    assert all(m.status == OK and "within the noise" in m.message for m in per_level)
+    [sweep] = result.sweep
+    assert sweep.status == REGRESSED and sweep.change == pytest.approx(1 / 1.1 - 1)
+    assert sweep.concurrency == SWEEP and sweep.noise < per_level[0].noise / 2
+    assert result.regressed and result.status == REGRESSED
+    assert "output_tok_s regressed across the sweep: -9.1% on average over 6 levels" in sweep.message
+    assert any("across the sweep" in line for line in comparison_lines(result))
+    assert result.to_dict()["sweep"][0]["status"] == REGRESSED
+
+
+def test_sweep_ok_when_unchanged_and_skips_invalid_levels() -> None:
+    result = compare_records(exact(trials=1), exact(trials=1))
+    assert [m.status for m in result.sweep] == [OK]
+    # a client-bound level is not comparable, so it is not in the sweep's mean either
+    slow_one = exact(trials=1, slowdown={1: 2.0}, client_bound=[1])
+    [sweep] = compare_records(exact(trials=1), slow_one).sweep
+    assert sweep.status == OK and "c=1," not in sweep.message
+
+
+def test_no_sweep_comparison_with_fewer_than_three_comparable_levels() -> None:
+    result = compare_records(exact(levels=(1, 8)), exact(levels=(1, 8), slowdown=1.1))
+    assert result.sweep == []

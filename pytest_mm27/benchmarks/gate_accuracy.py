@@ -12,7 +12,8 @@ by a known factor, so every level not flagged is a miss.
 Rates are given per comparison of one metric at one level (the unit the
 issue's goal speaks about: false alarms < 1 %, detection >= 95 % for a 10 %
 slowdown with 5 % tolerance and 3 trials), then per level (any of the five
-gated metrics) and per record (any level), which is what a nightly job
+gated metrics), for the sweep as a whole (throughput's mean change over the
+levels) and per record (any level or the sweep), which is what a nightly job
 sees. Nothing here is timed; the figures depend only on the seed.
 
 ``--served`` adds a check of the noise model against the simulator served
@@ -46,7 +47,8 @@ class Rates:
     level_comparisons: int
     level_flagged: int            # levels with any gated metric regressed
     records: int
-    record_flagged: int           # records with any regression
+    record_flagged: int           # records with any regression (a level's or the sweep's)
+    sweep_flagged: int            # records whose throughput regressed across the sweep
     by_level: dict[int, int]      # throughput flags per concurrency
 
     @property
@@ -66,6 +68,10 @@ class Rates:
     def record_rate(self) -> float:
         return self.record_flagged / self.records
 
+    @property
+    def sweep_rate(self) -> float:
+        return self.sweep_flagged / self.records
+
     def interval(self) -> tuple[float, float]:
         """Wilson 95 % interval of ``rate``: how sure the benchmark itself is."""
         n, p, z = self.comparisons, self.rate, 1.96
@@ -75,14 +81,14 @@ class Rates:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "worst_level": self.worst_level, "rate": self.rate, "rate_95ci": self.interval(), "level_rate": self.level_rate,
-                "record_rate": self.record_rate}
+                "record_rate": self.record_rate, "sweep_rate": self.sweep_rate}
 
 
 def measure(label: str, *, pairs: int, trials: int, baseline_trials: int | None = None, noise: Any,
             slowdown: float, seed: int, tolerances: dict[str, float], confidence: float,
             pool_levels: bool = True, levels: Sequence[int] = DEFAULT_LEVELS) -> Rates:
     """``slowdown`` F: the server is F times slower (throughput / F, latencies x F)."""
-    flagged = level_flagged = record_flagged = comparisons = level_comparisons = 0
+    flagged = level_flagged = record_flagged = sweep_flagged = comparisons = level_comparisons = 0
     by_level = {c: 0 for c in levels}
     for i in range(pairs):
         base = make_record(trials=baseline_trials or trials, noise=noise, seed=seed * 1_000_003 + 2 * i,
@@ -91,19 +97,17 @@ def measure(label: str, *, pairs: int, trials: int, baseline_trials: int | None 
                           levels=levels)
         result = compare_records(base, now, tolerances, confidence=confidence, pool_levels=pool_levels,
                                  metrics=GATED)
-        any_level = False
         for lv in result.levels:
             tp = lv.get("throughput")
             comparisons += 1
             flagged += tp is not None and tp.status == REGRESSED
             by_level[lv.concurrency] += tp is not None and tp.status == REGRESSED
             level_comparisons += 1
-            hit = any(m.status == REGRESSED for m in lv.metrics)
-            level_flagged += hit
-            any_level |= hit
-        record_flagged += any_level
+            level_flagged += any(m.status == REGRESSED for m in lv.metrics)
+        record_flagged += result.regressed
+        sweep_flagged += any(m.status == REGRESSED for m in result.sweep)
     return Rates(label, trials, 1 / slowdown - 1, comparisons, flagged, level_comparisons, level_flagged,
-                 pairs, record_flagged, by_level)
+                 pairs, record_flagged, sweep_flagged, by_level)
 
 
 def run(args: argparse.Namespace) -> list[Rates]:
@@ -145,14 +149,16 @@ def print_table(cases: Sequence[Rates], args: argparse.Namespace) -> None:
           f"latency tolerances {DEFAULT_TOLERANCES['ttft_p99']:.0%}; one-sided confidence {args.confidence:.0%}; "
           f"seed {args.seed}")
     header = (f"{'case':52s} {'trials':>6s} {'tok/s Δ':>8s} {'comparisons':>11s} {'flagged':>8s} "
-              f"{'rate':>7s} {'95% CI of rate':>16s} {'worst level':>14s} {'any metric/level':>17s} {'any/record':>10s}")
+              f"{'rate':>7s} {'95% CI of rate':>16s} {'worst level':>14s} {'any metric/level':>17s} {'sweep':>7s} "
+              f"{'any/record':>10s}")
     print(header)
     print("-" * len(header))
     for r in cases:
         lo, hi = r.interval()
         wc, wr = r.worst_level
         print(f"{r.label:52s} {r.trials:>6d} {r.throughput_change:>+8.1%} {r.comparisons:>11d} {r.flagged:>8d} "
-              f"{r.rate:>7.2%} {f'[{lo:.2%}, {hi:.2%}]':>16s} {f'c={wc}: {wr:.1%}':>14s} {r.level_rate:>17.2%} {r.record_rate:>10.2%}")
+              f"{r.rate:>7.2%} {f'[{lo:.2%}, {hi:.2%}]':>16s} {f'c={wc}: {wr:.1%}':>14s} {r.level_rate:>17.2%} "
+              f"{r.sweep_rate:>7.2%} {r.record_rate:>10.2%}")
     head = {r.label: r for r in cases if r.trials == args.trials}
     fa = head["unchanged"]
     det = head["throughput -10% (server x1.111 slower)"]
