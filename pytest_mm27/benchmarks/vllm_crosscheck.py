@@ -192,6 +192,22 @@ ROWS = (("output tok/s", "output_tok_s", "{:,.1f}"), ("TPOT p50 ms", "tpot_p50_m
         ("client cores", "client_cpu", "{:.2f}"), ("client us/token", "client_us_per_tok", "{:.1f}"))
 
 
+def paired(label: str, ours_values: list[float], theirs_values: list[float]) -> str:
+    """Rounds alternate, so each (ours, theirs) pair saw the same server state: the
+    mean of the per-round log ratios and its 95% t interval say whether the clients
+    differ by more than the server's own round-to-round drift."""
+    from ..compare import t_ppf
+    logs = [math.log(a / b) for a, b in zip(ours_values, theirs_values) if a > 0 and b > 0]
+    if len(logs) < 3:
+        return f"paired {label}: too few rounds"
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    half = t_ppf(0.975, len(logs) - 1) * sd / math.sqrt(len(logs))
+    lo, hi = math.expm1(mean - half), math.expm1(mean + half)
+    verdict = "no significant difference" if lo <= 0 <= hi else "differ"
+    return (f"paired {label} ours/theirs over {len(logs)} rounds: {math.expm1(mean):+.1%} "
+            f"(95% CI {lo:+.1%} to {hi:+.1%}): {verdict}")
+
+
 def table(results: dict[int, tuple[list[dict], list[dict]]]) -> str:
     lines = [f"{'conc':>4}  {'metric':<15} {'pytest-mm27':>12} {'vllm bench':>12} {'diff':>8}",
              f"{'-' * 4}  {'-' * 15} {'-' * 12} {'-' * 12} {'-' * 8}"]
@@ -204,6 +220,9 @@ def table(results: dict[int, tuple[list[dict], list[dict]]]) -> str:
         if len(mine) > 1:
             spread = ", ".join(f"{r['output_tok_s']:,.0f}/{s['output_tok_s']:,.0f}" for r, s in zip(mine, bench))
             lines.append(f"{'':>4}  {'(rounds ours/theirs tok/s: ' + spread + ')'}")
+        if len(mine) > 2:
+            for label, key in (("output tok/s", "output_tok_s"), ("TPOT mean", "tpot_mean_ms")):
+                lines.append(f"{'':>4}  {paired(label, [r[key] for r in mine], [r[key] for r in bench])}")
     return "\n".join(lines)
 
 
