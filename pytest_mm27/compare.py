@@ -666,6 +666,16 @@ def _judge(spec: MetricSpec, d: float, se_unit: float, sigma: float, df: int, co
     return (REGRESSED if worse else IMPROVED if better else OK), ratio, (lo, hi), math.expm1(half)
 
 
+def _evidence(status: str, ratio: float, tol: float, noise: float, ci: tuple[float, float], two_sided: float,
+              nb: int, nn: int, df: int, assumed_noise: float) -> str:
+    """The tail every ratio message shares: tolerance, noise band, trials."""
+    trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
+    text = f"tolerance {tol:.0%}, {_fmt_band(noise, ci, two_sided)}; {trials}"
+    if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
+        text += "; past tolerance but within the noise"
+    return text
+
+
 def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma: float, df: int,
                    confidence: float, assumed_noise: float) -> MetricComparison:
     nb, nn = len(sample.logs_base), len(sample.logs_now)
@@ -675,11 +685,9 @@ def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma:
                                             assumed_noise, tol)
     base_v, now_v = math.exp(mb), math.exp(mn)
     two_sided = 2 * confidence - 1
-    trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
     message = (f"{spec.label} {status} at c={c}: baseline {spec.fmt(base_v)}, now {spec.fmt(now_v)} "
-               f"({ratio - 1:+.1%}), tolerance {tol:.0%}, {_fmt_band(noise, (lo, hi), two_sided)}; {trials}")
-    if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
-        message += "; past tolerance but within the noise"
+               f"({ratio - 1:+.1%}), " + _evidence(status, ratio, tol, noise, (lo, hi), two_sided, nb, nn,
+                                                     df, assumed_noise))
     return MetricComparison(spec.label, c, status, message, base_v, now_v, ratio - 1, tol, noise, (lo, hi),
                             two_sided, nb, nn, spec.higher_is_better, spec.name)
 
@@ -705,11 +713,8 @@ def _compare_sweep(spec: MetricSpec, parts: Sequence[tuple[int, _Sample]], tol: 
     nb = min(len(s.logs_base) for _, s in parts)
     nn = min(len(s.logs_now) for _, s in parts)
     where = ",".join(str(c) for c, _ in parts)
-    trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
     message = (f"{spec.label} {status} across the sweep: {ratio - 1:+.1%} on average over {n} levels (c={where}), "
-               f"tolerance {tol:.0%}, {_fmt_band(noise, (lo, hi), two_sided)}; {trials}")
-    if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
-        message += "; past tolerance but within the noise"
+               + _evidence(status, ratio, tol, noise, (lo, hi), two_sided, nb, nn, df, assumed_noise))
     return MetricComparison(spec.label, SWEEP, status, message, None, None, ratio - 1, tol, noise, (lo, hi),
                             two_sided, nb, nn, spec.higher_is_better, spec.name)
 
