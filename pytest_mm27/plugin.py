@@ -29,7 +29,6 @@ from .verdict import ERROR, FAIL, INVALID
 HARNESS_KEY = pytest.StashKey[Harness]()
 ERROR_KEY = pytest.StashKey[str]()
 RUN_ID_INPUT = "mm27_run_id"
-LOADGROUP_INPUT = "mm27_loadgroup"
 
 # (option name, ini type, help, argparse extras). The ini key is "mm27_" + name.
 _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
@@ -113,17 +112,12 @@ def _mm27_wanted(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mm27: a pytest-mm27 benchmark level (added automatically)")
-    if not config.pluginmanager.hasplugin("xdist"):
-        # Levels carry xdist_group marks for `-n N`; without xdist the mark is just a label.
-        config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker")
     if not _mm27_wanted(config):
         return
     try:
         cfg = build_config(_getter(config), Path(config.rootpath))
         workerinput = getattr(config, "workerinput", {})
         run_id = workerinput.get(RUN_ID_INPUT)
-        if workerinput.get(LOADGROUP_INPUT):
-            config.option.loadgroup = True      # read by xdist's worker when it names items
         harness = Harness(cfg, Path(config.rootpath), run_id=run_id)
     except Mm27Error as exc:
         raise pytest.UsageError(f"pytest-mm27: {exc}") from None
@@ -152,14 +146,21 @@ def _interrupt_on_sigterm() -> None:
 
 
 class _XdistHooks:
-    """Registered only when pytest-xdist is present: share one run id with workers."""
+    """Registered only when pytest-xdist is present: one run id, one worker per topology."""
 
     def __init__(self, harness: Harness):
         self.harness = harness
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[RUN_ID_INPUT] = self.harness.run_id
-        node.workerinput[LOADGROUP_INPUT] = node.config.option.dist == "loadgroup"
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """Each topology whole on one worker (see xdist_sched); other modes are the user's choice."""
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        from .xdist_sched import TopologyScheduling
+        return TopologyScheduling(config, log, [t.name for t in self.harness.topologies])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
@@ -191,7 +192,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
 
 
-@pytest.hookimpl(tryfirst=True)     # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run each topology's levels together and in order, so it boots once."""
     harness = config.stash.get(HARNESS_KEY, None)
@@ -209,8 +209,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for i, item in zip(positions, bench):
         items[i] = item
         item.add_marker(pytest.mark.mm27)
-        # With `-n N --dist loadgroup`, one worker takes a whole topology.
-        item.add_marker(pytest.mark.xdist_group(case_of(item).topology.name))
 
 
 @pytest.fixture

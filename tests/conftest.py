@@ -12,6 +12,13 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # test_vllm_real groups its tests on one xdist worker (an optimisation: its
+    # host-wide lock is what keeps vLLM boots apart); without xdist the mark is a label.
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker")
+
+
 @pytest.fixture
 def no_leftovers(pytester: pytest.Pytester):
     """Fail the test if any process started under its directory outlives it."""

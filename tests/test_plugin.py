@@ -197,7 +197,7 @@ def test_xdist_runs_each_topology_on_one_worker(no_leftovers):
         sim_topology("tb", "[1, 2]", 1, "native"))
     result = run(pytester, "--topology", "ta,tb", "-n", "2", "-v")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["*LoadGroupScheduling*"])
+    result.stdout.fnmatch_lines(["*TopologyScheduling*"])
     recs = {r["topology"]["name"]: r for r in records(pytester)}
     assert set(recs) == {"ta", "tb"}
     for rec in recs.values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pytest_mm27.floors import parse_floors
 from pytest_mm27.testing import floors_file, sim_topology
 from pytest_mm27.topology import parse_topology
@@ -22,3 +24,15 @@ def test_floors_file_parses(tmp_path):
     floors = parse_floors(path)
     assert {k: f.tok_s for k, f in floors.items()} == {("tb", "quick", 4): 1e9, ("tb", "quick", 8): 12.5}
     assert all(f.metric == "output_tok_s" and f.note == "why" for f in floors.values())
+
+
+def test_xdist_groups_levels_by_topology_from_their_ids():
+    pytest.importorskip("xdist")
+    from pytest_mm27.xdist_sched import topology_of
+    names = ["tp4", "tp4-fp8", "dp3"]
+    assert topology_of("suites/test_throughput.py::test_throughput[tp4-fp8-c64]", names) == "tp4-fp8"
+    assert topology_of("suites/test_throughput.py::test_throughput[tp4-c64]", names) == "tp4"
+    assert topology_of("s.py::test_x[dp3-c640]@dp3", names) == "dp3"        # older xdist's suffix
+    assert topology_of("s.py::test_x[long-dp3-c8-warm]", names) == "dp3"    # among other parameters
+    assert topology_of("s.py::test_x[dp30-c8]", names) is None
+    assert topology_of("s.py::test_other", names) is None
