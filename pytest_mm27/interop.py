@@ -76,9 +76,10 @@ def benchmark_stats(values: Sequence[float]) -> dict[str, Any]:
     if n == 1:
         ld15, hd15 = s[0], s[0]
     else:
+        # Tukey's fences: the lowest and highest data within 1.5 IQR of the quartiles
+        # (pytest-benchmark before 5.3 returned the first datum above the upper fence).
         ld15 = s[bisect_left(s, q1 - 1.5 * iqr)]
-        pos = bisect_right(s, q3 + 1.5 * iqr)
-        hd15 = s[-1] if pos == n else s[pos]
+        hd15 = s[bisect_right(s, q3 + 1.5 * iqr) - 1]
     return {
         "min": s[0], "max": s[-1], "mean": mean, "stddev": stddev, "rounds": n, "median": statistics.median(s),
         "iqr": iqr, "q1": q1, "q3": q3, "iqr_outliers": iqr_out, "stddev_outliers": sd_out,
