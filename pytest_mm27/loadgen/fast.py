@@ -123,14 +123,8 @@ class _Conn(asyncio.Protocol):
         self.fut: asyncio.Future | None = None
         self.state = _IDLE
         self.parser: SSEParser | None = None
-        self.pend = b""
-        self.status = 0
-        self.framing = _NONE
-        self.left = 0
         self.keep = True
-        self.got_bytes = False
-        self.fast = False             # in a 200 chunked body: data_received's shortcut applies
-        self.err_body: bytearray | None = None
+        self._new_response()
         self.last = 0.0
         self.stall_s: float | None = None
         self.timeout_s = 0.0
@@ -168,18 +162,22 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def start(self, data: bytes, parser: SSEParser, timeout_s: float, stall_s: float | None) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        self.fut = fut = loop.create_future()
-        self.parser = parser
-        self.state = _HEAD
+    def _new_response(self) -> None:
+        """Forget the previous response's parsing state (once per request, not per read)."""
         self.pend = b""
         self.status = 0
         self.framing = _NONE
         self.left = 0
         self.got_bytes = False
-        self.fast = False
-        self.err_body = None
+        self.fast = False             # in a 200 chunked body: data_received's shortcut applies
+        self.err_body: bytearray | None = None
+
+    def start(self, data: bytes, parser: SSEParser, timeout_s: float, stall_s: float | None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        self.fut = fut = loop.create_future()
+        self.parser = parser
+        self.state = _HEAD
+        self._new_response()
         self.last = now = monotonic()
         self.timeout_s = timeout_s
         self.deadline = now + timeout_s
