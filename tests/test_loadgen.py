@@ -220,24 +220,6 @@ def test_http_errors_counted_apart(serve):
     assert m.ttft_ms.n == 4
 
 
-@pytest.mark.parametrize(
-    "mode, reason",
-    [
-        ("malformed", "malformed SSE: this is not json"),
-        ("cut", "stream ended before [DONE]"),
-        ("nousage", "no usage"),
-        ("error", "error in stream: engine died"),
-    ],
-)
-def test_stream_faults(serve, mode, reason):
-    srv = serve(FakeServer(mode=mode))
-    m = run_level([srv.url], "m", make_workload(output_tokens=5), 2)
-    assert m.ok == 0 and m.failed == 4
-    assert m.errors == {reason: 4}
-    assert m.output_tokens == 0 and m.output_tok_s == 0
-    assert m.ttft_ms.n == 0
-
-
 def test_connection_refused():
     m = run_level([f"http://127.0.0.1:{closed_port()}"], "m", make_workload(), 2)
     assert m.errors == {"connection refused": 4}

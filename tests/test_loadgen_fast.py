@@ -84,7 +84,9 @@ def test_http_error_reason_both_transports(serve, transport):
 def test_stream_fault_reasons_both_transports(serve, transport, mode, reason):
     srv = serve(FakeServer(mode=mode))
     m = run_level([srv.url], "m", make_workload(output_tokens=5), 2)
-    assert m.errors == {reason: 4} and m.ok == 0
+    assert m.errors == {reason: 4} and m.ok == 0 and m.failed == 4
+    assert m.output_tokens == 0 and m.output_tok_s == 0     # failures never count toward throughput
+    assert m.ttft_ms.n == 0
 
 
 def test_connection_refused_both_transports(transport):
@@ -331,6 +333,14 @@ def test_long_error_body_is_cut_and_connection_dropped(raw):
     assert len(srv.post_conns) == 3      # not reused: the rest of that body was never read
 
 
+def run_bounded(srv, **workload):
+    """Two requests at c=2 against a misbehaving server; they must end well before 20 s."""
+    t = time.monotonic()
+    m = run_level([srv.url], "m", make_workload(min_requests=2, **workload), 2)
+    assert time.monotonic() - t < 20
+    return m
+
+
 def test_stalled_stream(raw):
     def half(body):
         return HEAD_CHUNKED + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in sse_events(4)[:2])
@@ -342,10 +352,7 @@ def test_stalled_stream(raw):
                 continue
             writer.write(half(body))
             await asyncio.sleep(3600)
-    srv = raw(then_silent)
-    t = time.monotonic()
-    m = run_level([srv.url], "m", make_workload(stall_timeout_s=0.5, request_timeout_s=60, min_requests=2), 2)
-    assert time.monotonic() - t < 20
+    m = run_bounded(raw(then_silent), stall_timeout_s=0.5, request_timeout_s=60)
     assert m.errors == {"stalled: no data for 0.5 s": 2}
 
 
@@ -395,8 +402,5 @@ def test_slow_but_steady_stream_hits_the_overall_timeout_not_the_stall(raw):
                 writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                 await writer.drain()
                 await asyncio.sleep(0.05)
-    srv = raw(trickle)
-    t = time.monotonic()
-    m = run_level([srv.url], "m", make_workload(stall_timeout_s=0.6, request_timeout_s=1.5, min_requests=2), 2)
-    assert time.monotonic() - t < 20
+    m = run_bounded(raw(trickle), stall_timeout_s=0.6, request_timeout_s=1.5)
     assert m.errors == {"timeout: not done within 1.5 s": 2}
