@@ -47,11 +47,16 @@ tolerance *plus* the noise band. Why not a bootstrap? With 3 trials a
 resample has 10 distinct values; its interval is too narrow and false alarms
 follow.
 
-With no repeated trials anywhere (``--trials 1`` for both records) there is
-no measured noise: we fall back to ``assumed_noise`` (default 3 % per trial,
-the run-to-run scatter of a warm vLLM server seen in practice) and a normal
-quantile. A single trial per side then needs about a 10 % change before it
-is called a regression; use ``--trials 3`` for a useful gate.
+Noise is never assumed. A nightly run of one trial against a baseline saved
+with three (``--save-baseline`` measures three unless told otherwise) stands
+on the baseline's measured trial-to-trial scatter. With single trials on both
+sides there is none; the gate then uses what each level measured of itself
+(the window's batch-means interval for throughput, order-statistic intervals
+for the latency percentiles, see ``loadgen.metrics``) with a normal quantile,
+and says so: that noise leaves the trial-to-trial scatter out. A metric with
+no measured noise at all (a p99 of too few requests, a record from an older
+harness) is shown and not judged. Every message whose noise band is wider
+than the tolerance says the smallest change it could have caught.
 
 Trials within one session do not see slow drift between sessions (another
 node, a driver update): the tolerance is what absorbs that, which is why it
@@ -79,9 +84,9 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from .stats import f_ppf, t_cdf, t_ppf
 from .verdict import client_understatement, verdict_label
 
 OK = "ok"
@@ -93,7 +98,6 @@ MISSING = "missing"
 STATUS_ORDER = (REGRESSED, INVALID, MISSING, IMPROVED, OK)
 
 DEFAULT_CONFIDENCE = 0.99
-DEFAULT_ASSUMED_NOISE = 0.03
 
 
 def _pct_of(key: str, pct: str) -> Callable[[Mapping[str, Any]], float | None]:
@@ -129,10 +133,6 @@ class MetricSpec:
     default_tolerance: float
     extract: Callable[[Mapping[str, Any]], float | None]
     absolute: bool = False   # compared by difference (error rate), not by ratio
-    # Noise assumed per trial when single trials measure none. TTFT depends on where
-    # a request lands in the batching waves: the served simulator's TTFT scattered
-    # 15-20% run to run (benchmarks.sim_noise) against ~3% for throughput and TPOT.
-    single_trial_noise: float | None = None
 
     def fmt(self, value: float | None) -> str:
         if value is None:
@@ -146,8 +146,8 @@ class MetricSpec:
 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("throughput", "output_tok_s", "tok/s", True, 0.05, _field("output_tok_s")),
-    MetricSpec("ttft_p50", "ttft_p50", "ms", False, 0.10, _pct_of("ttft_ms", "p50"), single_trial_noise=0.15),
-    MetricSpec("ttft_p99", "ttft_p99", "ms", False, 0.10, _pct_of("ttft_ms", "p99"), single_trial_noise=0.15),
+    MetricSpec("ttft_p50", "ttft_p50", "ms", False, 0.10, _pct_of("ttft_ms", "p50")),
+    MetricSpec("ttft_p99", "ttft_p99", "ms", False, 0.10, _pct_of("ttft_ms", "p99")),
     MetricSpec("tpot_p50", "tpot_p50", "ms", False, 0.10, _pct_of("tpot_ms", "p50")),
     MetricSpec("tpot_p99", "tpot_p99", "ms", False, 0.10, _pct_of("tpot_ms", "p99")),
     MetricSpec("error_rate", "error_rate", "", False, 0.0, _error_rate, absolute=True),
@@ -205,97 +205,6 @@ def parse_tolerances(text: str) -> dict[str, float]:
     return out
 
 
-# ---- small statistics, stdlib only ---------------------------------------------------------
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (Numerical Recipes, modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-14:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
-def f_cdf(x: float, d1: float, d2: float) -> float:
-    """Fisher's F distribution function."""
-    if x <= 0:
-        return 0.0
-    return _betainc(d1 / 2.0, d2 / 2.0, d1 * x / (d1 * x + d2))
-
-
-@lru_cache(maxsize=512)
-def f_ppf(p: float, d1: float, d2: float) -> float:
-    lo, hi = 0.0, 1.0
-    while f_cdf(hi, d1, d2) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if f_cdf(mid, d1, d2) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-9 * max(1.0, hi):
-            break
-    return (lo + hi) / 2.0
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student's t distribution function."""
-    x = df / (df + t * t)
-    tail = 0.5 * _betainc(df / 2.0, 0.5, x)
-    return 1.0 - tail if t > 0 else tail
-
-
-@lru_cache(maxsize=512)
-def t_ppf(p: float, df: float) -> float:
-    """Quantile of Student's t (bisection on ``t_cdf``; 1e-10 is plenty for a gate)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"probability {p} outside (0, 1)")
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-10:
-            break
-    return (lo + hi) / 2.0
-
-
 # ---- the comparison ------------------------------------------------------------------------
 
 SWEEP = 0               # MetricComparison.concurrency of a whole-sweep comparison
@@ -320,6 +229,12 @@ class MetricComparison:
     n_now: int = 0
     higher_is_better: bool = True
     name: str = ""                    # tolerance key, e.g. throughput
+    noise_source: str = ""            # "12 df" (trial-to-trial, pooled) or "within-level" (single trials)
+
+    @property
+    def blind(self) -> bool:
+        """The noise band is wider than the tolerance: a change between the two would pass unseen."""
+        return self.noise is not None and self.tolerance is not None and self.noise > self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -480,7 +395,6 @@ def compare_records(
     tolerances: Mapping[str, float] | None = None,
     *,
     confidence: float = DEFAULT_CONFIDENCE,
-    assumed_noise: float = DEFAULT_ASSUMED_NOISE,
     max_error_rate: float = 0.0,
     baseline_path: str | Path | None = None,
     metrics: Sequence[str] | None = None,
@@ -589,8 +503,15 @@ def compare_records(
             if not pool_levels or (spec.name, c) in own_noise:
                 own_ss, own_df = sample.ss_df
                 sigma, df = (math.sqrt(own_ss / own_df) if own_df else 0.0), own_df
-            results.append(_compare_ratio(spec, c, sample, t, sigma, df, confidence,
-                                          max(assumed_noise, spec.single_trial_noise or 0.0)))
+            if df:
+                noise = Noise(sigma * math.sqrt(1 / len(sample.logs_base) + 1 / len(sample.logs_now)),
+                              t_ppf(confidence, df), f"{df} df")
+            else:
+                noise = within_noise(spec, b_trials, n_trials, confidence)
+                if noise is None:
+                    results.append(_unmeasured(spec, c, sample, common))
+                    continue
+            results.append(_compare_ratio(spec, c, sample, t, noise, confidence))
         levels.append(LevelComparison(c, results, note=latency_reasons[c] or ""))
 
     sources = []
@@ -599,8 +520,8 @@ def compare_records(
             sigma, df = pooled[spec.name]
             apart = sorted(c for name, c in own_noise if name == spec.name)
             sources.append((f"{spec.label} ±{math.expm1(sigma):.1%}/trial ({df} df)" if df
-                            else f"{spec.label} assumed ±{max(assumed_noise, spec.single_trial_noise or 0.0):.0%}"
-                                 "/trial (single trials)")
+                            else f"{spec.label} within-level noise only (single trials: trial-to-trial "
+                                 "noise not measured)")
                            + (f", own noise at c={','.join(map(str, apart))}" if apart else ""))
     sweep = []
     for spec in specs:
@@ -609,10 +530,17 @@ def compare_records(
         # levels with their own (larger) noise stay out: the pooled sigma does not describe them
         parts = [(c, samples[(spec.name, c)]) for c in concurrencies
                  if (spec.name, c) in samples and (spec.name, c) not in own_noise]
+        sigma, df = pooled[spec.name]
+        if df:
+            noises = [Noise(sigma * math.sqrt(1 / len(p.logs_base) + 1 / len(p.logs_now)), t_ppf(confidence, df),
+                            f"{df} df") for _, p in parts]
+        else:
+            found = [within_noise(spec, level_trials(base_levels[c]), level_trials(now_levels[c]), confidence)
+                     for c, _ in parts]
+            kept = [(part, n) for part, n in zip(parts, found) if n is not None]
+            parts, noises = [part for part, _ in kept], [n for _, n in kept]
         if len(parts) >= SWEEP_MIN_LEVELS:
-            sigma, df = pooled[spec.name]
-            sweep.append(_compare_sweep(spec, parts, tol[spec.name], sigma, df, confidence,
-                                        max(assumed_noise, spec.single_trial_noise or 0.0)))
+            sweep.append(_compare_sweep(spec, parts, noises, tol[spec.name], confidence))
     key_b, key_n = _key(baseline), _key(record)
     engine = baseline.get("engine") or {}
     return RecordComparison(
@@ -645,18 +573,53 @@ def _key(record: Mapping[str, Any]) -> tuple[str, str, str]:
             (record.get("workload") or {}).get("name") or "")
 
 
-def _judge(spec: MetricSpec, d: float, se_unit: float, sigma: float, df: int, confidence: float,
-           assumed_noise: float, tol: float) -> tuple[str, float, tuple[float, float], float]:
-    """Status, ratio, interval and relative half-width for a mean log change ``d``.
+@dataclass(frozen=True)
+class Noise:
+    """What one comparison's interval stands on: the standard error of the mean log change,
+    the quantile it is multiplied by, and where the noise was measured."""
 
-    ``se_unit``: the standard error of ``d`` in units of the per-trial sigma.
+    se: float
+    q: float
+    source: str             # "12 df" (trial-to-trial), "within-level" (single trials)
+
+
+def trial_noise(trial: Mapping[str, Any], name: str) -> float | None:
+    """A trial's own within-level standard error of metric ``name`` (relative), if it measured one."""
+    value = (trial.get("noise") or {}).get(name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def within_noise(spec: MetricSpec, b_trials: Sequence[Mapping[str, Any]], n_trials: Sequence[Mapping[str, Any]],
+                 confidence: float) -> Noise | None:
+    """Single trials: the two levels' own within-level noise (batch means, order statistics).
+
+    Within one level is all a single trial can measure; it leaves the
+    trial-to-trial scatter out, which is why ``--save-baseline`` measures
+    three trials and the message says which noise the gate stood on.
     """
-    if df > 0:
-        q = t_ppf(confidence, df)
-    else:
-        sigma = math.log1p(assumed_noise)
-        q = statistics.NormalDist().inv_cdf(confidence)
-    half = q * sigma * se_unit
+    ses = [trial_noise(t, spec.name) for t in (*b_trials, *n_trials)]
+    if not ses or any(se is None for se in ses):
+        return None
+    var_b = math.fsum(trial_noise(t, spec.name) ** 2 for t in b_trials) / len(b_trials) ** 2  # type: ignore[operator]
+    var_n = math.fsum(trial_noise(t, spec.name) ** 2 for t in n_trials) / len(n_trials) ** 2  # type: ignore[operator]
+    return Noise(math.sqrt(var_b + var_n), statistics.NormalDist().inv_cdf(confidence), "within-level")
+
+
+def _unmeasured(spec: MetricSpec, c: int, sample: _Sample, common: Mapping[str, Any]) -> MetricComparison:
+    """Single trials and no within-level noise: shown, never judged against a guessed noise."""
+    bv, nv = math.exp(math.fsum(sample.logs_base) / len(sample.logs_base)), \
+        math.exp(math.fsum(sample.logs_now) / len(sample.logs_now))
+    return MetricComparison(spec.label, status=INVALID, message=(
+        f"{spec.label} not compared at c={c}: single trials and no within-level noise measured for it "
+        "(too few requests for this percentile, or a record from an older harness); "
+        "save the baseline with --trials 3"), baseline=bv, now=nv, change=nv / bv - 1,
+        n_baseline=len(sample.logs_base), n_now=len(sample.logs_now), **common)
+
+
+def _judge(spec: MetricSpec, d: float, noise: Noise, tol: float) -> tuple[str, float, tuple[float, float], float]:
+    """Status, ratio, interval and relative half-width for a mean log change ``d``."""
+    half = noise.q * noise.se
     ratio = math.exp(d)
     lo, hi = math.exp(d - half), math.exp(d + half)
     if spec.higher_is_better:
@@ -667,56 +630,54 @@ def _judge(spec: MetricSpec, d: float, se_unit: float, sigma: float, df: int, co
 
 
 def _evidence(status: str, ratio: float, tol: float, noise: float, ci: tuple[float, float], two_sided: float,
-              nb: int, nn: int, df: int, assumed_noise: float) -> str:
-    """The tail every ratio message shares: tolerance, noise band, trials."""
-    trials = f"{nb} vs {nn} trials" + ("" if df else f", noise assumed ±{assumed_noise:.0%}/trial")
+              nb: int, nn: int, source: str) -> str:
+    """The tail every ratio message shares: tolerance, noise band, trials, sensitivity."""
+    trials = f"{nb} vs {nn} trials" + (", within-level noise only" if source == "within-level" else "")
     text = f"tolerance {tol:.0%}, {_fmt_band(noise, ci, two_sided)}; {trials}"
     if status == OK and (ratio < 1 - tol or ratio > 1 + tol):
         text += "; past tolerance but within the noise"
+    if noise > tol:
+        text += f"; could not have caught a change under {noise:.1%} (the noise band is wider than the tolerance)"
     return text
 
 
-def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, sigma: float, df: int,
-                   confidence: float, assumed_noise: float) -> MetricComparison:
+def _compare_ratio(spec: MetricSpec, c: int, sample: _Sample, tol: float, noise: Noise,
+                   confidence: float) -> MetricComparison:
     nb, nn = len(sample.logs_base), len(sample.logs_now)
     mb = math.fsum(sample.logs_base) / nb
     mn = math.fsum(sample.logs_now) / nn
-    status, ratio, (lo, hi), noise = _judge(spec, mn - mb, math.sqrt(1 / nb + 1 / nn), sigma, df, confidence,
-                                            assumed_noise, tol)
+    status, ratio, (lo, hi), band = _judge(spec, mn - mb, noise, tol)
     base_v, now_v = math.exp(mb), math.exp(mn)
     two_sided = 2 * confidence - 1
     message = (f"{spec.label} {status} at c={c}: baseline {spec.fmt(base_v)}, now {spec.fmt(now_v)} "
-               f"({ratio - 1:+.1%}), " + _evidence(status, ratio, tol, noise, (lo, hi), two_sided, nb, nn,
-                                                     df, assumed_noise))
-    return MetricComparison(spec.label, c, status, message, base_v, now_v, ratio - 1, tol, noise, (lo, hi),
-                            two_sided, nb, nn, spec.higher_is_better, spec.name)
+               f"({ratio - 1:+.1%}), " + _evidence(status, ratio, tol, band, (lo, hi), two_sided, nb, nn,
+                                                     noise.source))
+    return MetricComparison(spec.label, c, status, message, base_v, now_v, ratio - 1, tol, band, (lo, hi),
+                            two_sided, nb, nn, spec.higher_is_better, spec.name, noise.source)
 
 
-def _compare_sweep(spec: MetricSpec, parts: Sequence[tuple[int, _Sample]], tol: float, sigma: float, df: int,
-                   confidence: float, assumed_noise: float) -> MetricComparison:
+def _compare_sweep(spec: MetricSpec, parts: Sequence[tuple[int, _Sample]], noises: Sequence[Noise], tol: float,
+                   confidence: float) -> MetricComparison:
     """The whole sweep: the mean over levels of each level's mean log change.
 
     Levels count equally (a sweep is a curve, not a sum of requests); their
     runs are independent, so the variance of the mean is the sum of the
     levels' variances over L squared.
     """
-    changes, weights = [], []
-    for _, sample in parts:
-        nb, nn = len(sample.logs_base), len(sample.logs_now)
-        changes.append(math.fsum(sample.logs_now) / nn - math.fsum(sample.logs_base) / nb)
-        weights.append(1 / nb + 1 / nn)
+    changes = [math.fsum(s.logs_now) / len(s.logs_now) - math.fsum(s.logs_base) / len(s.logs_base)
+               for _, s in parts]
     n = len(parts)
     d = math.fsum(changes) / n
-    status, ratio, (lo, hi), noise = _judge(spec, d, math.sqrt(math.fsum(weights)) / n, sigma, df, confidence,
-                                            assumed_noise, tol)
+    noise = Noise(math.sqrt(math.fsum(x.se ** 2 for x in noises)) / n, noises[0].q, noises[0].source)
+    status, ratio, (lo, hi), band = _judge(spec, d, noise, tol)
     two_sided = 2 * confidence - 1
     nb = min(len(s.logs_base) for _, s in parts)
     nn = min(len(s.logs_now) for _, s in parts)
     where = ",".join(str(c) for c, _ in parts)
     message = (f"{spec.label} {status} across the sweep: {ratio - 1:+.1%} on average over {n} levels (c={where}), "
-               + _evidence(status, ratio, tol, noise, (lo, hi), two_sided, nb, nn, df, assumed_noise))
-    return MetricComparison(spec.label, SWEEP, status, message, None, None, ratio - 1, tol, noise, (lo, hi),
-                            two_sided, nb, nn, spec.higher_is_better, spec.name)
+               + _evidence(status, ratio, tol, band, (lo, hi), two_sided, nb, nn, noise.source))
+    return MetricComparison(spec.label, SWEEP, status, message, None, None, ratio - 1, tol, band, (lo, hi),
+                            two_sided, nb, nn, spec.higher_is_better, spec.name, noise.source)
 
 
 def _compare_absolute(spec: MetricSpec, c: int, b_trials: Sequence[Mapping[str, Any]],
@@ -837,12 +798,28 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
     for m in comparison.sweep:
         if verbose or m.status in (REGRESSED, IMPROVED):
             lines.append(f"  {m.message}")
+    lines += ["  " + ln for ln in sensitivity_lines(comparison)]
     return lines
+
+
+def sensitivity_lines(comparison: RecordComparison) -> list[str]:
+    """Where the gate was blind: metrics whose noise band is wider than their tolerance."""
+    blind: dict[str, list[MetricComparison]] = {}
+    for m in [*(m for lv in comparison.levels for m in lv.metrics), *comparison.sweep]:
+        if m.blind and m.status == OK:
+            blind.setdefault(m.metric, []).append(m)
+    out = []
+    for metric, ms in blind.items():
+        where = ", ".join("the sweep" if m.concurrency == SWEEP else f"c={m.concurrency} (±{m.noise:.1%})" for m in ms)
+        worst = max(m.noise for m in ms)      # type: ignore[type-var]
+        out.append(f"gate sensitivity: {metric} could not have caught a change under {worst:.1%} at {where}: "
+                   f"the noise band is wider than its {ms[0].tolerance:.0%} tolerance; more trials "
+                   "(--trials) or longer windows (--precision) narrow it")
+    return out
 
 
 __all__ = [
     "ALIASES",
-    "DEFAULT_ASSUMED_NOISE",
     "DEFAULT_CONFIDENCE",
     "DEFAULT_TOLERANCES",
     "IMPROVED",
@@ -859,6 +836,7 @@ __all__ = [
     "compare_records",
     "comparison_lines",
     "comparison_rows",
+    "sensitivity_lines",
     "invalid_reason",
     "level_trials",
     "parse_tolerances",

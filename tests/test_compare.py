@@ -170,16 +170,31 @@ def test_noise_is_pooled_over_levels() -> None:
     assert "(12 df)" in pooled.noise_source or "(24 df)" in pooled.noise_source
 
 
-def test_single_trials_fall_back_to_assumed_noise() -> None:
-    base, now = make_record(trials=1, noise=0.0, seed=1), make_record(trials=1, noise=0.0, seed=2, slowdown=1.08)
-    result = compare_records(base, now, assumed_noise=0.03)
+def test_single_trials_use_the_levels_own_noise() -> None:
+    base = make_record(trials=1, noise=0.0, within=0.03, seed=1)
+    now = make_record(trials=1, noise=0.0, within=0.03, seed=2, slowdown=1.08)
+    result = compare_records(base, now)
     m = result.level(8).get("throughput")
-    # 1 vs 1 trial at 3 %: z(0.99) * log(1.03) * sqrt(2) = 9.7 % band; a 7.4 % drop is within it
-    assert m.noise == pytest.approx(math.expm1(2.3263 * math.log(1.03) * math.sqrt(2)), rel=1e-3)
-    assert m.status == OK and "noise assumed ±3%/trial" in m.message
-    assert "assumed ±3%/trial (single trials)" in result.noise_source
-    big = compare_records(base, make_record(trials=1, noise=0.0, seed=2, slowdown=1.2)).level(8).get("throughput")
-    assert big.status == REGRESSED
+    # 1 vs 1 trial, each level measured ±3 % of itself: exp(z(0.99) * sqrt(0.03² + 0.03²)) - 1 = 10.4 % band
+    assert m.noise == pytest.approx(math.expm1(2.3263 * math.sqrt(2 * 0.03 ** 2)), rel=1e-3)
+    assert m.status == OK and "within-level noise only" in m.message
+    assert "could not have caught a change under 10.4%" in m.message
+    assert "within-level noise only (single trials" in result.noise_source
+    assert any(line.startswith("  gate sensitivity: output_tok_s could not have caught a change under")
+               for line in comparison_lines(result))
+    big = compare_records(base, make_record(trials=1, noise=0.0, within=0.03, seed=2, slowdown=1.2))
+    assert big.level(8).get("throughput").status == REGRESSED
+
+
+def test_single_trials_without_measured_noise_are_not_judged() -> None:
+    base = make_record(trials=1, noise=0.0, seed=1)
+    for trial in (t for lv in base["levels"] for t in lv["trials"]):
+        del trial["noise"]            # a record from before within-level noise was measured
+    result = compare_records(base, make_record(trials=1, noise=0.0, seed=2, slowdown=1.5))
+    m = result.level(8).get("throughput")
+    assert m.status == INVALID and "no within-level noise measured" in m.message and "--trials 3" in m.message
+    assert m.change == pytest.approx(1 / 1.5 - 1)               # shown, never judged
+    assert not result.regressed
 
 
 def test_uneven_trial_counts() -> None:
@@ -296,9 +311,9 @@ def test_a_much_noisier_level_keeps_its_own_noise() -> None:
 # ---- the whole sweep -----------------------------------------------------------------------
 
 def test_single_trials_a_uniform_9_percent_slowdown_is_caught_across_the_sweep() -> None:
-    # one trial a side: each level's band (assumed 3 %/trial) is wider than the change,
+    # one trial a side: each level's band (its own ±3 %) is wider than the change,
     # but six levels all 9.1 % slower leave no doubt
-    result = compare_records(exact(trials=1), exact(trials=1, slowdown=1.1))
+    result = compare_records(exact(trials=1, within=0.03), exact(trials=1, slowdown=1.1, within=0.03))
     per_level = [lv.get("throughput") for lv in result.levels]
     assert all(m.status == OK and "within the noise" in m.message for m in per_level)
     [sweep] = result.sweep

@@ -28,13 +28,19 @@ def true_values(concurrency: int) -> dict[str, float]:
     }
 
 
+GATED = ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
+
+
 def trial_metrics(concurrency: int, truth: Mapping[str, float], rng: random.Random, noise: float, *,
                   slowdown: float = 1.0, requests: int = 500, failed: int = 0,
-                  client_bound: bool = False) -> dict[str, Any]:
+                  client_bound: bool = False, within: float | None = None) -> dict[str, Any]:
     """One trial's metrics dict (the keys of ``LevelMetrics.to_dict()`` the gate reads).
 
     ``slowdown`` 1.1 means a 10 % slower server: throughput / 1.1, latencies x 1.1.
-    Each metric gets its own lognormal noise of relative size ``noise``.
+    Each metric gets its own lognormal noise of relative size ``noise``; the
+    trial reports ``within`` (default: ``noise``) as its own within-level
+    noise, as a steady window's batch means would. A ``within`` below
+    ``noise`` is a server whose trials differ by more than one level can see.
     """
     def draw(value: float, factor: float) -> float:
         return value * factor * math.exp(rng.gauss(0.0, noise))
@@ -63,6 +69,7 @@ def trial_metrics(concurrency: int, truth: Mapping[str, float], rng: random.Rand
         "client_bound": client_bound,
         "client_bound_reason": "refill dispatch lag p99 25 ms > 10 ms" if client_bound else None,
         "timed_out": False,
+        "noise": {name: noise if within is None else within for name in GATED},
     }
 
 
@@ -71,10 +78,11 @@ def make_record(*, trials: int = 3, noise: float | Mapping[int, float] = 0.03, s
                 workload: str = "default", profile: str = "rtx-pro-6000-x3", simulated: bool = False,
                 engine: str = "vllm", engine_version: str = "0.11.0",
                 failed: Mapping[int, int] | None = None, client_bound: Sequence[int] = (),
-                floors: Mapping[int, float] | None = None) -> dict[str, Any]:
+                floors: Mapping[int, float] | None = None, within: float | None = None) -> dict[str, Any]:
     """A complete run record (schema of ``record.RunRecord``) with ``trials`` trials per level.
 
-    ``noise`` and ``slowdown`` may be given per concurrency (a mapping; noise defaults to 3 %).
+    ``noise`` and ``slowdown`` may be given per concurrency (a mapping; noise defaults to 3 %);
+    ``within`` is the within-level noise each trial reports (see ``trial_metrics``).
     """
     rng = random.Random(seed)
     out_levels = []
@@ -83,7 +91,7 @@ def make_record(*, trials: int = 3, noise: float | Mapping[int, float] = 0.03, s
         truth = true_values(c)
         level_noise = noise.get(c, 0.03) if isinstance(noise, Mapping) else noise
         ts = [trial_metrics(c, truth, rng, level_noise, slowdown=factor, failed=(failed or {}).get(c, 0),
-                            client_bound=c in client_bound) for _ in range(trials)]
+                            client_bound=c in client_bound, within=within) for _ in range(trials)]
         best = max(ts, key=lambda t: t["output_tok_s"])
         out_levels.append({
             "concurrency": c, "floor": (floors or {}).get(c), "floor_note": None, "metrics": best,
