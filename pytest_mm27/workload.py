@@ -9,9 +9,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .datafile import Table, read_toml
+from .errors import ConfigError
 from .topology import Catalog, load_catalog_files
 
 Api = Literal["completions", "chat"]
+Measure = Literal["steady", "count"]
+
+# Steady-level defaults (see loadgen.steady); --precision and --max-window override them.
+DEFAULT_PRECISION = 0.01
+DEFAULT_MIN_WINDOW_S = 5.0
+DEFAULT_MAX_WINDOW_S = 60.0
+# Keys that only mean something in one measuring mode: a workload that sets one
+# under the other mode is refused, so a file never says what it does not do.
+_COUNT_ONLY = ("requests_per_concurrency", "min_requests", "warmup_requests")
+_STEADY_ONLY = ("window_s", "min_window_s", "max_window_s", "precision", "warmup_s")
 
 
 @dataclass(frozen=True)
@@ -22,12 +33,12 @@ class Workload:
     input_tokens: int
     output_tokens: int
     ignore_eos: bool
-    # Closed loop: at concurrency c, send max(min_requests, ceil(k * c)) requests,
-    # keeping c in flight; or, with duration_s, keep sending until it elapses.
+    # measure = "count": at concurrency c, send max(min_requests, ceil(k * c))
+    # requests keeping c in flight; throughput over first send -> last completion.
     requests_per_concurrency: float
     min_requests: int
-    duration_s: float | None
-    warmup_requests: int        # sent before the measured window, not counted
+    duration_s: float | None    # count mode: keep sending until this elapses instead
+    warmup_requests: int        # count mode: sent before the measured requests, not counted
     api: Api
     temperature: float
     request_timeout_s: float    # one request, first byte to last
@@ -35,6 +46,19 @@ class Workload:
     # No byte for this long (after the request was sent, or after the last
     # chunk) fails the request as "stalled"; None: derived, see stall_limit_s.
     stall_timeout_s: float | None = None
+    # measure = "steady": warm up at the level, then a window with all c in
+    # flight (loadgen.steady); a fixed window_s, else adaptive to the precision
+    # target (relative half-width of the 95 % interval) between the bounds.
+    measure: Measure = "count"
+    window_s: float | None = None
+    min_window_s: float = DEFAULT_MIN_WINDOW_S
+    max_window_s: float = DEFAULT_MAX_WINDOW_S
+    precision: float = DEFAULT_PRECISION
+    warmup_s: float = 0.0       # steady: warm up at least this long (beyond one request time)
+
+    @property
+    def steady(self) -> bool:
+        return self.measure == "steady"
 
     @property
     def stall_limit_s(self) -> float:
@@ -56,6 +80,15 @@ class Workload:
 
 def parse_workload(path: Path) -> Workload:
     t = Table(read_toml(path), path)
+    # A file that counts requests keeps doing so; anything else measures a steady window.
+    counting = any(t.has(key) for key in (*_COUNT_ONLY, "duration_s"))
+    measure = t.string("measure", "count" if counting else "steady", choices=("steady", "count"))
+    for key in (*_COUNT_ONLY, "duration_s") if measure == "steady" else _STEADY_ONLY:
+        if t.has(key):
+            other = "count" if measure == "steady" else "steady"
+            raise t.error(key, f'applies to measure = "{other}"; this workload has measure = "{measure}"'
+                          + ("" if t.has("measure") else " (it sets a key of the other mode)"))
+    steady = measure == "steady"
     workload = Workload(
         name=t.string("name", path.stem),
         description=t.string("description", ""),
@@ -65,15 +98,24 @@ def parse_workload(path: Path) -> Workload:
         ignore_eos=t.boolean("ignore_eos", True),
         requests_per_concurrency=t.number("requests_per_concurrency", 2.0, minimum=0.0, exclusive_min=True),
         min_requests=t.integer("min_requests", 4),
-        duration_s=t.number("duration_s", None, minimum=0.0, exclusive_min=True),
+        duration_s=None if steady else t.number("duration_s", None, minimum=0.0, exclusive_min=True),
         warmup_requests=t.integer("warmup_requests", 0, minimum=0),
         api=t.string("api", "completions", choices=("completions", "chat")),
         temperature=t.number("temperature", 0.0, minimum=0.0),
         request_timeout_s=t.number("request_timeout_s", 600.0, minimum=0.0, exclusive_min=True),
         seed=t.integer("seed", 0, minimum=0),
         stall_timeout_s=t.number("stall_timeout_s", None, minimum=0.0, exclusive_min=True),
+        measure=measure,
+        window_s=t.number("window_s", None, minimum=0.0, exclusive_min=True),
+        min_window_s=t.number("min_window_s", DEFAULT_MIN_WINDOW_S, minimum=0.0),
+        max_window_s=t.number("max_window_s", DEFAULT_MAX_WINDOW_S, minimum=0.0, exclusive_min=True),
+        precision=t.number("precision", DEFAULT_PRECISION, minimum=0.0, maximum=1.0, exclusive_min=True),
+        warmup_s=t.number("warmup_s", 0.0, minimum=0.0),
     )
     t.finish()
+    if workload.min_window_s > workload.max_window_s:
+        raise ConfigError(f"min_window_s {workload.min_window_s:g} is above max_window_s {workload.max_window_s:g}",
+                          source=str(path), field="min_window_s")
     return workload
 
 

@@ -130,22 +130,24 @@ class LeastOutstanding:
         self.out[i] -= 1
 
 
-class CountClaimer:
-    """Hands out request indices 0..limit-1, or until ``stop_at`` (monotonic) passes."""
+# What a slot sends next: (request index, max_tokens or None for the workload's), or None to stop.
+Claim = tuple[int, int | None]
 
-    def __init__(self, limit: int | None, stop_at: float | None = None):
+
+class CountClaimer:
+    """Hands out request indices ``base``..``base + limit - 1`` at the workload's length."""
+
+    def __init__(self, limit: int | None, base: int = 0):
         self.next = 0
         self.limit = limit
-        self.stop_at = stop_at
+        self.base = base
 
-    def claim(self) -> int | None:
+    def claim(self) -> Claim | None:
         if self.limit is not None and self.next >= self.limit:
-            return None
-        if self.stop_at is not None and monotonic() >= self.stop_at:
             return None
         i = self.next
         self.next += 1
-        return i
+        return self.base + i, None
 
 
 # --- one request ---
@@ -177,7 +179,7 @@ LEVEL_TIMEOUT_REASON = "level timeout: still in flight when the level's time ran
 
 async def do_request(
     session: aiohttp.ClientSession, url: str, body: bytes, rec: RequestRecord, timeout_s: float,
-    stall_s: float | None = None,
+    stall_s: float | None = None, parser: SSEParser | None = None,
 ) -> None:
     """Send one streaming request, filling ``rec`` (never raises for server faults).
 
@@ -189,7 +191,7 @@ async def do_request(
     ``stall_s`` and ``stall_s + slack`` seconds of silence.
     """
     got_headers = False
-    parser = SSEParser()
+    parser = parser or SSEParser()
     loop = asyncio.get_running_loop()
     overall = loop.time() + timeout_s
     stall = stall_s if stall_s is not None and stall_s < timeout_s else None
@@ -291,11 +293,14 @@ class Client:
         await self.session.close()
 
     async def request(self, i: int, path: str, body: bytes, rec: RequestRecord, timeout_s: float,
-                      stall_s: float | None = None) -> None:
-        """Send one streaming request to endpoint ``i``, filling ``rec`` (never raises for server faults)."""
+                      stall_s: float | None = None, parser: SSEParser | None = None) -> None:
+        """Send one streaming request to endpoint ``i``, filling ``rec`` (never raises for server faults).
+
+        ``parser``: the stream's parser, given when the caller watches its chunks while it runs.
+        """
+        parser = parser or SSEParser()
         fe = self.fast[i]
         if fe is not None and not fe.slow:
-            parser = SSEParser()
             try:
                 result = await fast_request(fe, path, body, parser, timeout_s, stall_s)
             except OSError as e:
@@ -308,7 +313,8 @@ class Client:
                 rec.error = result
                 return
             fe.slow = True      # a redirect or an encoded body: aiohttp handles this endpoint
-        await do_request(self.session, self.endpoints[i] + path, body, rec, timeout_s, stall_s)
+            parser.__init__()
+        await do_request(self.session, self.endpoints[i] + path, body, rec, timeout_s, stall_s, parser)
 
     async def prewarm(self, n: int) -> None:
         """Open about ``n`` keep-alive connections, spread over the endpoints (see prewarm_connections)."""
@@ -392,11 +398,16 @@ class Picker:  # protocol-ish, for type hints only
     def release(self, i: int) -> None: ...
 
 
+class Watcher:  # protocol-ish: what a steady level's controller hears from the loop
+    def started(self, rec: RequestRecord, parser: SSEParser, max_tokens: int) -> None: ...
+    def finished(self, rec: RequestRecord) -> None: ...
+
+
 async def closed_loop(
     client: Client,
     factory: RequestFactory,
     concurrency: int,
-    claim: Callable[[], int | None],
+    claim: Callable[[], Claim | None],
     picker: Picker,
     *,
     timeout_s: float,
@@ -404,11 +415,17 @@ async def closed_loop(
     deadline: float | None = None,
     worker: int = 0,
     measure: bool = True,
+    watcher: Watcher | None = None,
 ) -> LoopResult:
-    """Keep ``concurrency`` requests in flight while ``claim`` hands out indices."""
+    """Keep ``concurrency`` requests in flight while ``claim`` hands out requests.
+
+    ``watcher`` (steady levels) hears of every request as it starts, with its
+    live parser, and as it finishes.
+    """
     endpoints = client.endpoints
     path = factory.path
     request = client.request
+    default_tokens = factory.workload.output_tokens
     records: list[RequestRecord] = []
     inflight: dict[int, RequestRecord] = {}
     lags: list[float] = []
@@ -420,22 +437,28 @@ async def closed_loop(
         ramp = True
         while True:
             await turn()
-            if (idx := claim()) is None:
+            if (claimed := claim()) is None:
                 break
+            idx, max_tokens = claimed
             ep = picker.acquire()
             try:
-                body = factory.body(idx)
+                body = factory.body(idx, max_tokens)
                 rec = RequestRecord(index=idx, endpoint=endpoints[ep], worker=worker,
                                     slot_free=slot_free, sent=0.0, end=0.0, ramp=ramp)
                 ramp = False
                 inflight[idx] = rec
+                parser = SSEParser()
                 rec.sent = monotonic()
-                await request(ep, path, body, rec, timeout_s, stall_s)
+                if watcher is not None:
+                    watcher.started(rec, parser, max_tokens or default_tokens)
+                await request(ep, path, body, rec, timeout_s, stall_s, parser)
                 rec.end = slot_free = monotonic()
             finally:
                 picker.release(ep)
             del inflight[idx]
             records.append(rec)
+            if watcher is not None:
+                watcher.finished(rec)
 
     async def ticker() -> None:
         append = lags.append

@@ -167,6 +167,18 @@ def tokens_in_window(record: RequestRecord, start: float, end: float) -> float:
     return inside * per_chunk
 
 
+@dataclass(frozen=True)
+class SteadyWindow:
+    """Where a steady level's measured window lay, on the records' timeline (see ``steady``)."""
+
+    start: float
+    end: float
+    reason: str | None          # why it ended: precision reached, time cap, fixed window, ...
+    warmup_s: float             # level start -> window start
+    tail_s: float               # window end -> last request done
+    wall_epoch: float           # wall-clock time of the timeline's zero
+
+
 @dataclass
 class SelfMeasurement:
     """What one worker process measured about itself over the measured window."""
@@ -221,6 +233,17 @@ class LevelMetrics:
     server_tokens_match: bool | None = None
     warmup_requests: int = 0
     timed_out: bool = False             # the level timeout cut the window short
+    # steady levels (measure = "steady"): the window and how well its throughput is known
+    measure: str = "count"
+    precision: float | None = None      # relative half-width of the 95 % interval of output tok/s
+    precision_batches: int | None = None
+    precision_batch_s: float | None = None
+    window_reason: str | None = None
+    warmup_s: float | None = None
+    tail_s: float | None = None
+    window_wall: list[float] | None = None      # [start, end] on the wall clock (server CPU, GPU telemetry)
+    # steady levels: the warm-up and tail requests around the measured ones
+    unmeasured: dict[str, Any] = field(default_factory=dict)
 
     _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms")
 
@@ -229,6 +252,7 @@ class LevelMetrics:
         for name in self._NESTED:
             data[name] = data[name].to_dict()
         data["errors"] = dict(self.errors)
+        data["unmeasured"] = dict(self.unmeasured)
         data["endpoints"] = list(self.endpoints)
         data["worker_cpu_util"] = list(self.worker_cpu_util)
         return data
@@ -287,15 +311,19 @@ def compute_level_metrics(
     warmup_requests: int = 0,
     server_output_tokens: int | None = None,
     timed_out: bool = False,
+    window: SteadyWindow | None = None,
 ) -> LevelMetrics:
-    """Metrics of one level from the merged records of all its workers, computed once."""
+    """Metrics of one level from the merged records of all its workers, computed once.
+
+    With a steady ``window`` the measured requests are those sent inside it
+    (latencies, errors, request counts) and throughput is the tokens that
+    arrived inside it, from any request, over its length.
+    """
+    if window is not None:
+        return _steady_metrics(records, concurrency, window, self_measurements=self_measurements,
+                               endpoints=endpoints, server_output_tokens=server_output_tokens, timed_out=timed_out)
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
-    errors: dict[str, int] = {}
-    for r in failed:
-        reason = r.error or "unknown error"
-        errors[reason] = errors.get(reason, 0) + 1
-
     if records:
         duration = max(r.end for r in records) - min(r.sent for r in records)
     else:
@@ -306,36 +334,12 @@ def compute_level_metrics(
     def rate(x: float) -> float:
         return x / duration if duration > 0 else 0.0
 
-    ms = 1000.0
-    ttft = Percentiles.of(r.ttft * ms for r in ok if r.chunk_times)
-    e2el = Percentiles.of(r.e2el * ms for r in ok if r.chunk_times)
-    tpot_values = [t for r in ok if (t := r.tpot) is not None]
-    tpots = Percentiles.of(t * ms for t in tpot_values)
-    decode_rates = [1.0 / t for t in tpot_values if t > 0]
-    stream_rate = concurrency * sum(decode_rates) / len(decode_rates) if decode_rates else None
-    itl_values: list[float] = []
-    for r in ok:
-        ct = r.chunk_times
-        itl_values.extend((b - a) * ms for a, b in zip(ct, ct[1:]))
-    itl = Percentiles.of(itl_values)
-    queue = Percentiles.of((r.sent - r.slot_free) * ms for r in records)
-
     steady_rate = steady_span = None
-    window = steady_window(records, concurrency)
-    if window is not None:
-        start, end = window
+    span = steady_window(records, concurrency)
+    if span is not None:
+        start, end = span
         steady_span = end - start
         steady_rate = sum(tokens_in_window(r, start, end) for r in ok) / steady_span
-
-    lag_values: list[float] = []
-    for sm in self_measurements:
-        lag_values.extend(sm.loop_lag_ms)
-    loop_lag = Percentiles.of(lag_values)
-    worker_util = [sm.cpu_util for sm in sorted(self_measurements, key=lambda s: s.worker)]
-    # The first c sends all fall due at once (ramp-up); only refills show
-    # whether the client keeps up, so only they are judged.
-    refill_queue = Percentiles.of((r.sent - r.slot_free) * ms for r in records if not r.ramp)
-    bound, reason = judge_client_bound(refill_queue, loop_lag, worker_util)
 
     match: bool | None = None
     if server_output_tokens is not None and not failed and not timed_out:
@@ -347,31 +351,137 @@ def compute_level_metrics(
         ok=len(ok),
         failed=len(failed),
         error_rate=len(failed) / len(records) if records else 0.0,
-        errors=errors,
+        errors=_errors(failed),
         duration_s=duration,
         output_tokens=out_tokens,
         prompt_tokens=prompt_tokens,
         output_tok_s=rate(out_tokens),
         total_tok_s=rate(out_tokens + prompt_tokens),
         request_tok_s=rate(len(ok)),
-        ttft_ms=ttft,
-        tpot_ms=tpots,
-        itl_ms=itl,
-        e2el_ms=e2el,
-        queue_ms=queue,
+        queue_ms=Percentiles.of((r.sent - r.slot_free) * 1000.0 for r in records),
         steady_output_tok_s=steady_rate,
         steady_window_s=steady_span,
-        stream_output_tok_s=stream_rate,
-        workers=max(1, len(self_measurements)),
+        **_latencies(ok, concurrency),
         endpoints=list(endpoints),
-        loop_lag_ms=loop_lag,
-        client_cpu_s=sum(sm.cpu_s for sm in self_measurements),
-        client_cpu_util=max(worker_util, default=0.0),
-        worker_cpu_util=worker_util,
-        client_bound=bound,
-        client_bound_reason=reason,
+        **_client(records, self_measurements),
         server_output_tokens=server_output_tokens,
         server_tokens_match=match,
         warmup_requests=warmup_requests,
         timed_out=timed_out,
+    )
+
+
+def _latencies(ok: Sequence[RequestRecord], concurrency: int) -> dict[str, Any]:
+    """The latency blocks and stream rate of successful requests (vLLM's definitions)."""
+    ms = 1000.0
+    tpot_values = [t for r in ok if (t := r.tpot) is not None]
+    decode_rates = [1.0 / t for t in tpot_values if t > 0]
+    itl_values: list[float] = []
+    for r in ok:
+        ct = r.chunk_times
+        itl_values.extend((b - a) * ms for a, b in zip(ct, ct[1:]))
+    return {
+        "ttft_ms": Percentiles.of(r.ttft * ms for r in ok if r.chunk_times),
+        "e2el_ms": Percentiles.of(r.e2el * ms for r in ok if r.chunk_times),
+        "tpot_ms": Percentiles.of(t * ms for t in tpot_values),
+        "itl_ms": Percentiles.of(itl_values),
+        "stream_output_tok_s": concurrency * sum(decode_rates) / len(decode_rates) if decode_rates else None,
+    }
+
+
+def _client(records: Sequence[RequestRecord], self_measurements: Sequence[SelfMeasurement]) -> dict[str, Any]:
+    """The client's measurement of itself, and whether it may have set the numbers."""
+    lag_values: list[float] = []
+    for sm in self_measurements:
+        lag_values.extend(sm.loop_lag_ms)
+    loop_lag = Percentiles.of(lag_values)
+    worker_util = [sm.cpu_util for sm in sorted(self_measurements, key=lambda s: s.worker)]
+    # The first c sends all fall due at once (ramp-up); only refills show
+    # whether the client keeps up, so only they are judged.
+    refill_queue = Percentiles.of((r.sent - r.slot_free) * 1000.0 for r in records if not r.ramp)
+    bound, reason = judge_client_bound(refill_queue, loop_lag, worker_util)
+    return {
+        "workers": max(1, len(self_measurements)), "loop_lag_ms": loop_lag,
+        "client_cpu_s": sum(sm.cpu_s for sm in self_measurements),
+        "client_cpu_util": max(worker_util, default=0.0), "worker_cpu_util": worker_util,
+        "client_bound": bound, "client_bound_reason": reason,
+    }
+
+
+def _errors(failed: Sequence[RequestRecord]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for r in failed:
+        reason = r.error or "unknown error"
+        errors[reason] = errors.get(reason, 0) + 1
+    return errors
+
+
+def window_precision(records: Sequence[RequestRecord], start: float, end: float):
+    """Batch-means precision of the output tok/s inside ``[start, end)`` (server token counts)."""
+    from .steady import batch_means, binned
+
+    times: list[float] = []
+    weights: list[float] = []
+    for r in records:
+        if r.ok and r.chunk_times and r.output_tokens > 0:
+            share = r.output_tokens / len(r.chunk_times)
+            times.extend(r.chunk_times)
+            weights.extend([share] * len(r.chunk_times))
+    return batch_means(binned(times, weights, start, end))
+
+
+def _steady_metrics(records: Sequence[RequestRecord], concurrency: int, window: SteadyWindow, *,
+                    self_measurements: Sequence[SelfMeasurement], endpoints: Sequence[str],
+                    server_output_tokens: int | None, timed_out: bool) -> LevelMetrics:
+    start, end = window.start, window.end
+    span = max(0.0, end - start)
+    measured = [r for r in records if start <= r.sent < end]
+    others = [r for r in records if not start <= r.sent < end]
+    ok = [r for r in measured if r.ok]
+    failed = [r for r in measured if not r.ok]
+    all_ok = [r for r in records if r.ok]
+    window_tokens = math.fsum(tokens_in_window(r, start, end) for r in all_ok)
+    prompt_tokens = sum(r.prompt_tokens for r in ok)
+
+    def rate(x: float) -> float:
+        return x / span if span > 0 else 0.0
+
+    output_rate = rate(window_tokens)
+    precision = window_precision(records, start, end) if span > 0 else None
+    other_failed = [r for r in others if not r.ok]
+    match: bool | None = None
+    if server_output_tokens is not None and not failed and not other_failed and not timed_out:
+        match = server_output_tokens == sum(r.output_tokens for r in all_ok)
+    return LevelMetrics(
+        concurrency=concurrency,
+        requests=len(measured),
+        ok=len(ok),
+        failed=len(failed),
+        error_rate=len(failed) / len(measured) if measured else 0.0,
+        errors=_errors(failed),
+        duration_s=span,
+        output_tokens=sum(r.output_tokens for r in ok),
+        prompt_tokens=prompt_tokens,
+        output_tok_s=output_rate,
+        total_tok_s=output_rate + rate(prompt_tokens),
+        request_tok_s=rate(len(ok)),
+        queue_ms=Percentiles.of((r.sent - r.slot_free) * 1000.0 for r in measured),
+        steady_output_tok_s=output_rate,
+        steady_window_s=span,
+        **_latencies(ok, concurrency),
+        endpoints=list(endpoints),
+        **_client(measured, self_measurements),
+        server_output_tokens=server_output_tokens,
+        server_tokens_match=match,
+        timed_out=timed_out,
+        measure="steady",
+        precision=precision.half_width if precision else None,
+        precision_batches=precision.batches if precision else None,
+        precision_batch_s=precision.batch_s if precision else None,
+        window_reason=window.reason,
+        warmup_s=window.warmup_s,
+        tail_s=window.tail_s,
+        window_wall=[window.wall_epoch + start, window.wall_epoch + end],
+        unmeasured={"requests": len(others), "ok": len(others) - len(other_failed), "failed": len(other_failed),
+                    "output_tokens": sum(r.output_tokens for r in others if r.ok), "errors": _errors(other_failed)},
     )

@@ -43,7 +43,6 @@ class RequestFactory:
             self._base = [rng.randrange(TOKEN_ID_MIN, TOKEN_ID_MAX + 1) for _ in range(n)]
         self._common = {
             "model": model,
-            "max_tokens": workload.output_tokens,
             "ignore_eos": workload.ignore_eos,
             "temperature": workload.temperature,
             "stream": True,
@@ -65,24 +64,28 @@ class RequestFactory:
         words = base[k:] + base[:k]
         return f"request {index}: " + " ".join(words[: max(1, len(words) - 2)])
 
-    def body(self, index: int) -> bytes:
+    def body(self, index: int, max_tokens: int | None = None) -> bytes:
         """The request's JSON, byte for byte what ``json.dumps(payload, separators=(",", ":"))``
-        gives, assembled from pre-encoded pieces (a few us; it runs in the refill path)."""
+        gives, assembled from pre-encoded pieces (a few us; it runs in the refill path).
+
+        ``max_tokens`` replaces the workload's output length (steady levels
+        stagger their first requests and shorten their tail ones)."""
         if self._head is None:
             common = json.dumps(self._common, separators=(",", ":"))
             self._head = (common[:-1] + ',"messages":[{"role":"user","content":'
                           if self.workload.api == "chat" else common[:-1] + ',"prompt":[').encode()
             self._ids = [str(t) for t in self._base] if self.workload.api != "chat" else []
+        head = b'{"max_tokens":%d,' % (max_tokens or self.workload.output_tokens) + self._head[1:]
         if self.workload.api == "chat":
-            return self._head + json.dumps(self.prompt_text(index)).encode() + b"}]}"
+            return head + json.dumps(self.prompt_text(index)).encode() + b"}]}"
         ids = self._ids
         k = index % len(ids)
         first = str(TOKEN_ID_MIN + (index * 7919 + self.workload.seed) % _SPAN)
-        return self._head + ",".join([first, *ids[k + 1:], *ids[:k]]).encode() + b"]}"
+        return head + ",".join([first, *ids[k + 1:], *ids[:k]]).encode() + b"]}"
 
-    def body_json(self, index: int) -> bytes:
+    def body_json(self, index: int, max_tokens: int | None = None) -> bytes:
         """Reference implementation of ``body`` (tests compare the two)."""
-        payload = dict(self._common)
+        payload = {"max_tokens": max_tokens or self.workload.output_tokens, **self._common}
         if self.workload.api == "chat":
             payload["messages"] = [{"role": "user", "content": self.prompt_text(index)}]
         else:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import pickle
 import time
@@ -60,8 +61,9 @@ from .client import (
     monotonic,
     run_sync,
 )
-from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, compute_level_metrics
+from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, SteadyWindow, compute_level_metrics
 from .prompts import RequestFactory
+from .steady import CHECK_INTERVAL_S, TIMED_OUT, SteadySlots, WindowClock, WindowRule
 
 AUTO_WORKERS_FROM = 256
 SLOTS_PER_WORKER = 256
@@ -165,8 +167,9 @@ class _Plan:
     workload: Workload
     concurrency: int
     api_key: str | None
-    total: int | None          # requests to send (None: duration mode)
+    total: int | None          # requests to send (None: duration or steady mode)
     duration_s: float | None
+    rule: WindowRule | None    # steady mode: when the window ends
 
 
 def _validate(endpoints, model, workload, concurrency, workers, level_timeout_s) -> list[str]:
@@ -191,6 +194,14 @@ def _validate(endpoints, model, workload, concurrency, workers, level_timeout_s)
     return [e.rstrip("/") for e in eps]
 
 
+def window_rule(workload: Workload, precision: float | None = None,
+                max_window_s: float | None = None) -> WindowRule:
+    """A steady workload's window rule; ``precision``/``max_window_s`` (the run's options) win."""
+    cap = max_window_s if max_window_s is not None else workload.max_window_s
+    return WindowRule(window_s=workload.window_s, precision=precision or workload.precision,
+                      min_window_s=min(workload.min_window_s, cap), max_window_s=cap)
+
+
 def run_level(
     endpoints: Sequence[str],
     model: str,
@@ -200,19 +211,30 @@ def run_level(
     api_key: str | None = None,
     workers: int | None = None,
     level_timeout_s: float | None = None,
+    precision: float | None = None,
+    max_window_s: float | None = None,
 ) -> LevelMetrics:
     """Run one closed-loop level and return its metrics. Synchronous.
 
-    Request failures are counted in the metrics, never raised; ``LoadError``
-    means misuse (bad arguments) or a worker process that could not start.
+    A steady workload (``workload.measure == "steady"``) warms up at the
+    level and measures a window (see ``steady``); ``precision`` and
+    ``max_window_s`` override the workload's target and cap. Request
+    failures are counted in the metrics, never raised; ``LoadError`` means
+    misuse (bad arguments) or a worker process that could not start.
     """
     eps = _validate(endpoints, model, workload, concurrency, workers, level_timeout_s)
+    if precision is not None and not 0 < precision < 1:
+        raise LoadError(f"precision must be between 0 and 1 (0.01 = 1%), not {precision!r}")
+    if max_window_s is not None and max_window_s <= 0:
+        raise LoadError(f"max_window_s must be positive, not {max_window_s!r}")
     n_workers = workers if workers is not None else auto_workers(concurrency)
     n_workers = min(n_workers, concurrency)
+    steady = workload.steady
     plan = _Plan(
         endpoints=eps, model=model, workload=workload, concurrency=concurrency, api_key=api_key,
-        total=None if workload.duration_s else workload.requests_for(concurrency),
-        duration_s=workload.duration_s,
+        total=None if workload.duration_s or steady else workload.requests_for(concurrency),
+        duration_s=None if steady else workload.duration_s,
+        rule=window_rule(workload, precision, max_window_s) if steady else None,
     )
     deadline = monotonic() + level_timeout_s if level_timeout_s else None
     if n_workers == 1:
@@ -225,41 +247,83 @@ async def _warmup(client: Client, plan: _Plan, factory: RequestFactory, deadline
     if n <= 0:
         return
     # Warm-up indices come after any measured index, so prompts never repeat.
-    claimer = CountClaimer(n)
-    offset = 1 << 40
     await closed_loop(
-        client, factory, min(plan.concurrency, n),
-        lambda: (None if (i := claimer.claim()) is None else offset + i),
+        client, factory, min(plan.concurrency, n), CountClaimer(n, base=1 << 40).claim,
         LeastOutstanding(len(plan.endpoints)),
         timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
         deadline=deadline, measure=False,
     )
 
 
+def count_claim(plan: _Plan, n: int | None, base: int = 0, stop_at: float | None = None):
+    """A count-mode claim: ``n`` requests, or (duration mode) until ``stop_at`` passes."""
+    claimer = CountClaimer(n, base)
+    if stop_at is None:
+        return claimer.claim
+    return lambda: None if monotonic() >= stop_at else claimer.claim()
+
+
+async def _watch_window(state: SteadySlots, clock: WindowClock) -> None:
+    """Tick the level's window clock from this process's slots until the window is over."""
+    while clock.t1 is None:
+        await asyncio.sleep(CHECK_INTERVAL_S)
+        clock.tick(monotonic(), state.chunks(), state.warm_at is not None, state.ok, state.failed)
+        state.t0, state.t1 = clock.t0, clock.t1
+
+
 async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics:
     factory = RequestFactory(plan.workload, plan.model)
+    state = clock = None
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
         session = client.session
-        await _warmup(client, plan, factory, deadline)
+        if plan.rule is None:
+            await _warmup(client, plan, factory, deadline)
         await client.prewarm(plan.concurrency)
         before = await scrape_tokens(session, plan.endpoints)
         epoch = time.time()
-        stop_at = monotonic() + plan.duration_s if plan.duration_s else None
-        result = await closed_loop(
-            client, factory, plan.concurrency,
-            CountClaimer(plan.total, stop_at).claim, LeastOutstanding(len(plan.endpoints)),
-            timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s, deadline=deadline,
-        )
+        start = monotonic()
+        watch = None
+        if plan.rule is not None:
+            state = SteadySlots(plan.concurrency, plan.workload.output_tokens)
+            clock = WindowClock(plan.rule, start, plan.workload.warmup_s, plan.concurrency)
+            claim = state.claim
+            watch = asyncio.create_task(_watch_window(state, clock))
+        else:
+            claim = count_claim(plan, plan.total, stop_at=start + plan.duration_s if plan.duration_s else None)
+        try:
+            result = await closed_loop(
+                client, factory, plan.concurrency, claim, LeastOutstanding(len(plan.endpoints)),
+                timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s, deadline=deadline,
+                watcher=state,
+            )
+        finally:
+            if watch is not None:
+                watch.cancel()
+        loop_end = monotonic()
         expect = sum(r.output_tokens for r in result.records if r.ok)
         server = await server_delta(session, plan.endpoints, before, expect)
     records = result.records
-    shift_records(records, clock_offset() - epoch)  # same timeline as sharded runs
+    shift = clock_offset() - epoch
+    shift_records(records, shift)  # same timeline as sharded runs
     sm = SelfMeasurement(0, result.cpu_s, result.wall_s, result.loop_lag_ms)
+    window = None
+    if clock is not None:
+        window = _window(clock, start, loop_end, result.timed_out, shift, epoch)
     return compute_level_metrics(
         sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=[sm],
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
-        server_output_tokens=server, timed_out=result.timed_out,
+        server_output_tokens=server, timed_out=result.timed_out, window=window,
     )
+
+
+def _window(clock: WindowClock, start: float, end: float, timed_out: bool, shift: float,
+            epoch: float) -> SteadyWindow:
+    """The measured window on the records' timeline (``shift`` maps the clock's times onto it)."""
+    t0 = clock.t0 if clock.t0 is not None else end
+    t1 = clock.t1 if clock.t1 is not None else end
+    reason = clock.reason or (TIMED_OUT if timed_out else None)
+    return SteadyWindow(start=t0 + shift, end=min(t1, end) + shift, reason=reason,
+                        warmup_s=t0 - start, tail_s=max(0.0, end - t1), wall_epoch=epoch)
 
 
 # --- sharded over processes ---
@@ -273,9 +337,10 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _worker_main(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, conn) -> None:
+def _worker_main(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, first_slot: int,
+                 conn) -> None:
     try:
-        result = run_sync(lambda: _worker_async(plan, worker, slots, n_requests, base, conn))
+        result = run_sync(lambda: _worker_async(plan, worker, slots, n_requests, base, first_slot, conn))
         conn.send_bytes(pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL))
     except BaseException as e:  # report, never hang the parent
         try:
@@ -286,7 +351,8 @@ def _worker_main(plan: _Plan, worker: int, slots: int, n_requests: int | None, b
         conn.close()
 
 
-async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, conn):
+async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, first_slot: int,
+                        conn):
     factory = RequestFactory(plan.workload, plan.model)
     async with Client(plan.endpoints, plan.api_key, slots) as client:
         await client.prewarm(slots)
@@ -298,19 +364,44 @@ async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | 
         epoch, deadline_wall = go
         offset = clock_offset()                       # wall - mono
         deadline = deadline_wall - offset if deadline_wall is not None else None
-        stop_at = epoch - offset + plan.duration_s if plan.duration_s else None
-        claimer = CountClaimer(n_requests, stop_at)
+        state = watch = None
+        if plan.rule is not None:
+            state = SteadySlots(slots, plan.workload.output_tokens, base, first_slot, plan.concurrency)
+            claim = state.claim
+            watch = asyncio.create_task(_report_to_parent(state, conn, offset))
+        else:
+            claim = count_claim(plan, n_requests, base, epoch - offset + plan.duration_s if plan.duration_s else None)
         picker = LeastOutstanding(len(plan.endpoints))
         picker.rr = worker % len(plan.endpoints)      # spread ties across workers
-        result = await closed_loop(
-            client, factory, slots,
-            lambda: None if (i := claimer.claim()) is None else base + i, picker,
-            timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
-            deadline=deadline, worker=worker,
-        )
+        try:
+            result = await closed_loop(
+                client, factory, slots, claim, picker,
+                timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
+                deadline=deadline, worker=worker, watcher=state,
+            )
+        finally:
+            if watch is not None:
+                watch.cancel()
     shift_records(result.records, offset - epoch)
     sm = SelfMeasurement(worker, result.cpu_s, result.wall_s, result.loop_lag_ms)
     return result.records, sm, result.timed_out
+
+
+async def _report_to_parent(state: SteadySlots, conn, offset: float) -> None:
+    """A worker's side of a sharded steady level: its counts go up, the window comes down.
+
+    The parent ticks the one window clock with the workers' sums; messages
+    carry wall-clock times (``offset`` = wall - monotonic here).
+    """
+    while True:
+        await asyncio.sleep(CHECK_INTERVAL_S)
+        conn.send(("tick", state.chunks(), state.warm_at is not None, state.ok, state.failed))
+        while conn.poll():
+            kind, wall = conn.recv()
+            if kind == "t0":
+                state.t0 = wall - offset
+            elif kind == "t1":
+                state.t1 = wall - offset
 
 
 def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> LevelMetrics:
@@ -329,7 +420,8 @@ def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> Level
     try:
         for i, slots in enumerate(slot_share):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=_worker_main, args=(plan, i, slots, req_share[i], bases[i], child_conn),
+            p = ctx.Process(target=_worker_main,
+                            args=(plan, i, slots, req_share[i], bases[i], sum(slot_share[:i]), child_conn),
                             name=f"mm27-loadgen-{i}", daemon=True)
             p.start()
             child_conn.close()
@@ -365,23 +457,25 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) 
     factory = RequestFactory(plan.workload, plan.model)
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
         session = client.session
-        await _warmup(client, plan, factory, deadline)
+        if plan.rule is None:
+            await _warmup(client, plan, factory, deadline)
         before = await scrape_tokens(session, plan.endpoints)
         offset = clock_offset()
         deadline_wall = deadline + offset if deadline is not None else None
         epoch = time.time()
         for c in conns:
             c.send((epoch, deadline_wall))
-        # Wait for results in a thread; this loop's session stays idle meanwhile.
+        clock = WindowClock(plan.rule, epoch, plan.workload.warmup_s, plan.concurrency) if plan.rule else None
+        # Collect in a thread; this loop's session stays idle meanwhile.
         loop = asyncio.get_running_loop()
         grace = plan.workload.request_timeout_s + 30.0
+        payloads = await loop.run_in_executor(None, _collect, conns, procs, deadline, grace, clock)
+        end_wall = time.time()
         records: list[RequestRecord] = []
         sms: list[SelfMeasurement] = []
         timed_out = False
         lost: dict[int, str] = {}
-        for i, c in enumerate(conns):
-            msg = await loop.run_in_executor(None, _recv, c, procs[i], deadline, grace)
-            payload = pickle.loads(msg) if msg else ("error", "died")
+        for i, payload in enumerate(payloads):
             if payload[0] != "ok" or payload[1] is None:
                 lost[i] = f"load generator worker {i}: {payload[1]}"[:200]
                 continue
@@ -395,27 +489,62 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) 
         # A dead worker's requests are failures we cannot describe better.
         t = max((r.end for r in records), default=0.0)
         for i, why in lost.items():
-            for k in range(req_share[i] or 0):
+            for k in range(req_share[i] or max(1, plan.concurrency // len(conns))):
                 records.append(RequestRecord(bases[i] + k, plan.endpoints[0], i, t, t, t, error=why))
+    window = _window(clock, epoch, end_wall, timed_out, -epoch, epoch) if clock is not None else None
     return compute_level_metrics(
         sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=sms,
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
-        server_output_tokens=server, timed_out=timed_out,
+        server_output_tokens=server, timed_out=timed_out, window=window,
     )
 
 
-def _recv(conn, proc, deadline: float | None, grace: float) -> bytes | None:
-    """Block (in a thread) until the worker reports, dies, or overruns its bound."""
-    while True:
-        try:
-            if conn.poll(0.2):
-                return conn.recv_bytes()
-        except (EOFError, OSError):
-            return None
-        if not proc.is_alive():
+def _collect(conns, procs, deadline: float | None, grace: float, clock: WindowClock | None) -> list[tuple]:
+    """Block (in a thread) until every worker reported, died, or overran its bound.
+
+    In a steady level the workers also tick: every ``CHECK_INTERVAL_S`` their
+    latest counts are summed into the level's window clock, and its start and
+    end are sent back to all of them.
+    """
+    n = len(conns)
+    finals: list[tuple | None] = [None] * n
+    latest: list[tuple | None] = [None] * n
+    fresh = [False] * n         # a tick arrived since the clock last ticked
+    sent_t0 = sent_t1 = False
+    while any(f is None for f in finals):
+        waiting = [c for c, f in zip(conns, finals) if f is None]
+        for c in multiprocessing.connection.wait(waiting, timeout=0.05):
+            i = conns.index(c)
             try:
-                return conn.recv_bytes() if conn.poll(0) else None
+                msg = pickle.loads(c.recv_bytes())
             except (EOFError, OSError):
-                return None
+                finals[i] = ("error", "died")
+                continue
+            if msg[0] == "tick":
+                latest[i], fresh[i] = msg, True
+            else:
+                finals[i] = msg
+        for i, p in enumerate(procs):
+            if finals[i] is None and not p.is_alive() and not conns[i].poll(0):
+                finals[i] = ("error", "died")
         if deadline is not None and monotonic() > deadline + grace:
-            return None
+            return [f or ("error", "no answer within the level timeout") for f in finals]
+        running = [i for i in range(n) if finals[i] is None]
+        # The clock ticks once every running worker has ticked again, so each
+        # step of its series spans one tick of every worker.
+        if clock is None or clock.t1 is not None or not running or not all(fresh[i] for i in running):
+            continue
+        fresh = [False] * n
+        ticks = [latest[i] for i in running]
+        clock.tick(time.time(), sum(t[1] for t in ticks), all(t[2] for t in ticks),
+                   sum(t[3] for t in ticks), sum(t[4] for t in ticks))
+        for kind, value, done in (("t0", clock.t0, sent_t0), ("t1", clock.t1, sent_t1)):
+            if value is not None and not done:
+                for c, f in zip(conns, finals):
+                    if f is None:
+                        try:
+                            c.send((kind, value))
+                        except (OSError, ValueError):
+                            pass
+        sent_t0, sent_t1 = clock.t0 is not None, clock.t1 is not None
+    return finals  # type: ignore[return-value]
