@@ -230,7 +230,9 @@ def throttled(summary: Mapping[str, Any] | None) -> list[str]:
     """Phrases for reasons that cut clocks in more than THROTTLE_NOTICE_SHARE of a level's samples.
 
     Takes ``GpuSampler.summary()`` (or the same dict read back from a record),
-    e.g. ``["GPU 0: sw_power_cap 35% of the level"]``.
+    e.g. ``["GPU 0: sw_power_cap 35% of the level"]``. A compute-bound level
+    can sit at the power cap throughout (an H200 under bf16 matmuls: every
+    sample, 698 of 700 W): then the power limit, a host fact, set its speed.
     """
     out = []
     for gpu in (summary or {}).get("gpus") or ():
