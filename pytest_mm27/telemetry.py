@@ -1,21 +1,72 @@
-"""GPU telemetry during a level: power, SM utilisation, memory, energy.
+"""GPU telemetry during a level: power, SM utilisation, memory, energy, clocks.
 
 A background thread samples NVML (``pynvml`` from nvidia-ml-py, imported
 lazily) for the leased GPUs while the load runs. Energy comes from the
 driver's cumulative energy counter where the GPU has one (Volta and newer),
 which is exact between two reads; otherwise it is the integral of the power
 samples. Without NVML the sampler is a no-op and records nothing.
+
+The SM and memory clocks and the clocks-event ("throttle") reasons say
+whether the GPU ran at the speed the baseline's did: a level measured while
+the power cap or a thermal slowdown held the clocks down is slower for a
+reason that is not the software under test.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLE_INTERVAL_S = 0.2
+
+# nvml.h's bits, the same under the newer nvmlClocksEventReason* names and the
+# older nvmlClocksThrottleReason* ones, so no binding's constants are needed.
+CLOCKS_EVENT_REASONS: dict[int, str] = {
+    0x001: "gpu_idle",
+    0x002: "applications_clocks_setting",
+    0x004: "sw_power_cap",
+    0x008: "hw_slowdown",
+    0x010: "sync_boost",
+    0x020: "sw_thermal_slowdown",
+    0x040: "hw_thermal_slowdown",
+    0x080: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+# Idle between requests, and clocks set on purpose (host facts record the
+# applications clocks): neither is the GPU slowing itself down under load.
+BENIGN_REASONS = frozenset({"gpu_idle", "applications_clocks_setting"})
+# A reason active in a few samples is a blip; past this share of a level it moved the level.
+THROTTLE_NOTICE_SHARE = 0.05
+
+
+def reason_names(mask: int) -> list[str]:
+    """The names of the reasons set in a clocks-event bitmask; bits nvml.h did not define are kept by value."""
+    names = [name for bit, name in CLOCKS_EVENT_REASONS.items() if mask & bit]
+    rest = mask & ~sum(CLOCKS_EVENT_REASONS)
+    return names + [f"unknown_0x{1 << i:x}" for i in range(rest.bit_length()) if rest >> i & 1]
+
+
+def clocks_event_reasons(nvml: Any, handle: Any) -> int:
+    """The active clocks-event reasons bitmask, asked by the newer name, then the older.
+
+    A newer binding over a driver older than the rename has the new function
+    but not its symbol (the call fails), hence the fallback on failure too.
+    """
+    error: Exception = AttributeError("pynvml has neither nvmlDeviceGetCurrentClocksEventReasons "
+                                      "nor nvmlDeviceGetCurrentClocksThrottleReasons")
+    for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+        query = getattr(nvml, name, None)
+        if query is None:
+            continue
+        try:
+            return int(query(handle))
+        except Exception as exc:  # noqa: BLE001 - try the other name
+            error = exc
+    raise error
 
 
 @dataclass
@@ -24,9 +75,24 @@ class _GpuSeries:
     power_w: list[float] = field(default_factory=list)
     sm_util: list[float] = field(default_factory=list)
     mem_used_mb: list[float] = field(default_factory=list)
+    sm_clock_mhz: list[float] = field(default_factory=list)
+    mem_clock_mhz: list[float] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)     # samples each reason was active in
+    reason_samples: int = 0
+    unavailable: dict[str, str] = field(default_factory=dict)  # what could not be read, and why
     energy_start_mj: int | None = None
     energy_end_mj: int | None = None
     integrated_j: float = 0.0
+
+    def read(self, key: str, query: Callable[[], Any]) -> Any:
+        """One optional reading; the first failure is recorded and the reading not asked again this level."""
+        if key in self.unavailable:
+            return None
+        try:
+            return query()
+        except Exception as exc:  # noqa: BLE001 - unsupported on this GPU or binding
+            self.unavailable[key] = f"{type(exc).__name__}: {exc}"
+            return None
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -90,6 +156,20 @@ class GpuSampler:
                 series.mem_used_mb.append(nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
             except Exception as exc:  # noqa: BLE001 - keep sampling the others
                 self.error = f"NVML read failed on GPU {series.index}: {exc}"
+            self._sample_clocks(series, handle)
+
+    def _sample_clocks(self, series: _GpuSeries, handle: Any) -> None:
+        nvml = self._nvml
+        sm = series.read("sm_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))
+        if sm is not None:
+            series.sm_clock_mhz.append(float(sm))
+        mem = series.read("mem_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM))
+        if mem is not None:
+            series.mem_clock_mhz.append(float(mem))
+        mask = series.read("throttle_reasons", lambda: clocks_event_reasons(nvml, handle))
+        if mask is not None:
+            series.reason_samples += 1
+            series.reasons.update(reason_names(mask))
 
     def _run(self) -> None:
         last = time.monotonic()
@@ -128,6 +208,12 @@ class GpuSampler:
                 "index": s.index, "power_w_mean": _mean(s.power_w), "power_w_max": max(s.power_w, default=None),
                 "sm_util_mean": _mean(s.sm_util), "mem_used_mb_max": max(s.mem_used_mb, default=None),
                 "energy_j": energy_j, "energy_source": source, "samples": len(s.power_w),
+                "sm_clock_mhz_mean": _mean(s.sm_clock_mhz), "sm_clock_mhz_min": min(s.sm_clock_mhz, default=None),
+                "mem_clock_mhz_mean": _mean(s.mem_clock_mhz),
+                # share of the samples each reason was active in; None when they could not be read
+                "throttle_reasons": {name: round(s.reasons[name] / s.reason_samples, 3) for name in sorted(s.reasons)}
+                if s.reason_samples else None,
+                "unavailable": dict(s.unavailable),
             })
         seconds = self._t1 - self._t0
         return {
@@ -138,3 +224,19 @@ class GpuSampler:
             "gpus": per_gpu,
             "error": self.error,
         }
+
+
+def throttled(summary: Mapping[str, Any] | None) -> list[str]:
+    """Phrases for reasons that cut clocks in more than THROTTLE_NOTICE_SHARE of a level's samples.
+
+    Takes ``GpuSampler.summary()`` (or the same dict read back from a record),
+    e.g. ``["GPU 0: sw_power_cap 35% of the level"]``. A compute-bound level
+    can sit at the power cap throughout (an H200 under bf16 matmuls: every
+    sample, 698 of 700 W): then the power limit, a host fact, set its speed.
+    """
+    out = []
+    for gpu in (summary or {}).get("gpus") or ():
+        for name, share in (gpu.get("throttle_reasons") or {}).items():
+            if name not in BENIGN_REASONS and share > THROTTLE_NOTICE_SHARE:
+                out.append(f"GPU {gpu['index']}: {name} {share:.0%} of the level")
+    return out
