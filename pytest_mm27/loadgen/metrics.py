@@ -244,6 +244,11 @@ class LevelMetrics:
     window_wall: list[float] | None = None      # [start, end] on the wall clock (server CPU, GPU telemetry)
     # steady levels: the warm-up and tail requests around the measured ones
     unmeasured: dict[str, Any] = field(default_factory=dict)
+    # Within-level noise: the relative standard error of each gated metric as
+    # this one level measured it (batch means for throughput, order statistics
+    # for percentiles); None where the sample is too small to say. The gate
+    # uses it when single trials give no trial-to-trial scatter.
+    noise: dict[str, float | None] = field(default_factory=dict)
 
     _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms")
 
@@ -253,6 +258,7 @@ class LevelMetrics:
             data[name] = data[name].to_dict()
         data["errors"] = dict(self.errors)
         data["unmeasured"] = dict(self.unmeasured)
+        data["noise"] = dict(self.noise)
         data["endpoints"] = list(self.endpoints)
         data["worker_cpu_util"] = list(self.worker_cpu_util)
         return data
@@ -368,6 +374,7 @@ def compute_level_metrics(
         server_tokens_match=match,
         warmup_requests=warmup_requests,
         timed_out=timed_out,
+        noise=latency_noise(ok),
     )
 
 
@@ -484,4 +491,36 @@ def _steady_metrics(records: Sequence[RequestRecord], concurrency: int, window: 
         window_wall=[window.wall_epoch + start, window.wall_epoch + end],
         unmeasured={"requests": len(others), "ok": len(others) - len(other_failed), "failed": len(other_failed),
                     "output_tokens": sum(r.output_tokens for r in others if r.ok), "errors": _errors(other_failed)},
+        noise={"throughput": precision.standard_error if precision else None, **latency_noise(ok)},
     )
+
+
+Z95 = 1.959964
+
+
+def quantile_se(values: Sequence[float], q: float) -> float | None:
+    """Relative standard error of the ``q``-quantile of ``values``, distribution-free.
+
+    The ranks ``n q ± 1.96 sqrt(n q (1 - q))`` bound a 95 % interval of the
+    quantile (the binomial count of samples below it); half its width on the
+    log scale, over 1.96, is the standard error. None when the interval's
+    ranks fall outside the sample (a p99 needs several hundred requests) or
+    a value is not positive.
+    """
+    n = len(values)
+    if n < 10 or not 0 < q < 1:
+        return None
+    data = sorted(values)
+    spread = Z95 * math.sqrt(n * q * (1 - q))
+    lo, hi = math.floor(n * q - spread), math.ceil(n * q + spread)
+    if lo < 0 or hi > n - 1 or data[lo] <= 0:
+        return None
+    return (math.log(data[hi]) - math.log(data[lo])) / (2 * Z95)
+
+
+def latency_noise(ok: Sequence[RequestRecord]) -> dict[str, float | None]:
+    """The gated latency percentiles' within-level noise (see ``quantile_se``)."""
+    ttft = [r.ttft for r in ok if r.chunk_times]
+    tpots = [t for r in ok if (t := r.tpot) is not None]
+    return {"ttft_p50": quantile_se(ttft, 0.5), "ttft_p99": quantile_se(ttft, 0.99),   # type: ignore[arg-type]
+            "tpot_p50": quantile_se(tpots, 0.5), "tpot_p99": quantile_se(tpots, 0.99)}

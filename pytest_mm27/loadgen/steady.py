@@ -77,6 +77,11 @@ class Precision:
     batch_s: float
     lag1: float             # lag-1 autocorrelation of the batch means used
 
+    @property
+    def standard_error(self) -> float:
+        """Relative standard error of the rate (the half-width over its t quantile)."""
+        return self.half_width / t_ppf(0.5 + CONFIDENCE / 2, self.batches - 1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
