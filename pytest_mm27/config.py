@@ -20,6 +20,9 @@ from .compare import parse_tolerances
 from .errors import ConfigError
 
 ENGINE_CHOICES = ("auto", "vllm", "sim", "endpoint")
+# A baseline carries the trial-to-trial noise its later comparisons stand on;
+# three trials are the fewest that measure it. --trials overrides.
+BASELINE_TRIALS = 3
 # Simulator fault knobs a user may set with --sim-fault NAME=VALUE.
 SIM_FAULTS: Mapping[str, Callable[[str], float | int]] = MappingProxyType({
     "slowdown": float, "error-rate": float, "crash-after": int, "hang-after": int, "startup-delay": float,
@@ -95,6 +98,19 @@ def parse_sim_fault(text: str) -> tuple[str, str]:
     return name, value.strip()
 
 
+def parse_precision(text: str) -> float:
+    """``1%`` or ``0.01``: the relative half-width of the 95 % interval a steady window aims for."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"precision must be a percentage like 1% or a fraction like 0.01, "
+                                         f"got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"precision must be above 0 and below 100%, got {text!r}")
+    return value
+
+
 def parse_positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -137,6 +153,8 @@ class Mm27Config:
     hardware: str | None = None             # overrides the topologies' hardware profile
     seed: int = 0
     trials: int = 1
+    precision: float | None = None          # steady windows' target; None: the workload's
+    max_window_s: float | None = None       # steady windows' cap; None: the workload's
     baseline: str | None = None             # "auto" or a path
     save_baseline: str | bool = False       # True, or a name
     force: bool = False
@@ -223,7 +241,11 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
                          if get("level_timeout") else None),
         hardware=get("hardware") or None,
         seed=int(get("seed") or 0),
-        trials=_convert("mm27_trials", get("trials") or "1", parse_positive_int),
+        trials=_convert("mm27_trials", get("trials") or (str(BASELINE_TRIALS) if _save_name(get("save_baseline"))
+                                                         else "1"), parse_positive_int),
+        precision=_convert("mm27_precision", get("precision"), parse_precision) if get("precision") else None,
+        max_window_s=(_convert("mm27_max_window", get("max_window"), parse_positive_float)
+                      if get("max_window") else None),
         baseline=_baseline_spec(get("baseline"), path),
         save_baseline=_save_name(get("save_baseline")),
         force=bool(get("force")),

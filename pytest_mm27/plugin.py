@@ -17,7 +17,7 @@ import pytest
 
 from .config import (
     SIM_FAULTS, Mm27Config, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
-    parse_positive_float, parse_positive_int, parse_sim_fault,
+    parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
 )
 from .compare import parse_tolerances
 from .errors import Mm27Error
@@ -67,8 +67,12 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("startup_timeout", "string", "override the topologies' startup timeout, seconds",
      {"type": parse_positive_float, "metavar": "S"}),
     ("seed", "string", "seed for the simulator and prompts (default 0)", {"type": int, "metavar": "N"}),
-    ("trials", "string", "measure each level N times; comparisons use the spread as noise (default 1)",
-     {"type": parse_positive_int, "metavar": "N"}),
+    ("trials", "string", "measure each level N times; comparisons use the spread as noise "
+     "(default 1; 3 with --save-baseline)", {"type": parse_positive_int, "metavar": "N"}),
+    ("precision", "string", "steady levels end when output tok/s is known to this relative half-width "
+     "(95% interval), e.g. 1% (default: the workload's, 1%)", {"type": parse_precision, "metavar": "PCT"}),
+    ("max_window", "string", "steady levels' longest measured window, seconds (default: the workload's, 60)",
+     {"type": parse_positive_float, "metavar": "S"}),
     ("baseline", "string", "compare with a stored baseline: 'auto' (by hardware, topology, workload) or a PATH",
      {"metavar": "auto|PATH"}),
     ("save_baseline", "string", "promote this run's records to baselines (optionally under NAME)",
