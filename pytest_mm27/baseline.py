@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, Mm27Error
+from .compare import record_noise
 from .record import SCHEMA, SCHEMA_VERSION, now_iso, write_json_atomic
 
 SIM_PREFIX = "sim-"
@@ -130,6 +131,8 @@ def save_baseline(record: Mapping[str, Any], root: Path, *, name: str | None = N
             f"baseline {path} already exists{old}; not overwriting it. Pass --force (force=True) to replace it, "
             f"or --save-baseline NAME to save under another name")
     data = dict(record)
+    # The noise it measured travels with it (see compare.record_noise).
+    data["noise"] = record_noise(record, (record.get("options") or {}).get("max_error_rate") or 0.0)
     data["baseline"] = {
         "saved_at": now_iso(),
         "source": str(source_path) if source_path else None,

@@ -86,6 +86,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from .hostfacts import facts_differences
 from .stats import f_ppf, t_cdf, t_ppf
 from .verdict import client_understatement, verdict_label
 
@@ -276,6 +277,9 @@ class RecordComparison:
     noise_source: str                 # how the noise was measured, for the report
     baseline_info: dict[str, Any] = field(default_factory=dict)
     sweep: list[MetricComparison] = field(default_factory=list)    # whole-sweep comparisons
+    # What the two hosts differ in (CPU, GPU clocks and power limit, driver, torch...),
+    # said before any number: a change may be the box, not the software.
+    host_differences: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -309,7 +313,7 @@ class RecordComparison:
                 "baseline_path": self.baseline_path, "status": self.status, "tolerances": self.tolerances,
                 "confidence": self.confidence, "noise_source": self.noise_source,
                 "baseline_info": self.baseline_info, "levels": [lv.to_dict() for lv in self.levels],
-                "sweep": [m.to_dict() for m in self.sweep]}
+                "sweep": [m.to_dict() for m in self.sweep], "host_differences": list(self.host_differences)}
 
 
 def worst(statuses: Iterable[str]) -> str:
@@ -552,7 +556,50 @@ def compare_records(
                        "engine": engine.get("name"), "engine_version": engine.get("version"),
                        "saved_at": (baseline.get("baseline") or {}).get("saved_at")},
         sweep=sweep,
+        host_differences=facts_differences(baseline.get("host"), record.get("host")),
     )
+
+
+def record_noise(record: Mapping[str, Any], max_error_rate: float = 0.0) -> dict[str, Any]:
+    """The noise a record measured of itself, per gated metric: what a baseline carries.
+
+    ``trial``: the trial-to-trial scatter (log sigma pooled over the levels
+    that can be compared, and its degrees of freedom); ``within``: the median
+    of the trials' own within-level noise. Comparisons recompute the pooled
+    figure from the trials; this block states it where a reader sees it.
+    """
+    out: dict[str, Any] = {}
+    for spec in METRICS.values():
+        if spec.absolute:
+            continue
+        ss, df, within = 0.0, 0, []
+        for level in record.get("levels") or []:
+            if invalid_reason(level, max_error_rate, throughput=spec.name == "throughput"):
+                continue
+            trials = level_trials(level)
+            logs = _logs([spec.extract(t) for t in trials])
+            if logs and len(logs) > 1:
+                mean = math.fsum(logs) / len(logs)
+                ss += math.fsum((x - mean) ** 2 for x in logs)
+                df += len(logs) - 1
+            within += [se for t in trials if (se := trial_noise(t, spec.name)) is not None]
+        out[spec.name] = {"trial": math.expm1(math.sqrt(ss / df)) if df else None, "df": df,
+                          "within": statistics.median(within) if within else None}
+    return out
+
+
+def noise_text(noise: Mapping[str, Any] | None) -> str:
+    """``record_noise`` in a line: 'output_tok_s ±0.8%/trial (8 df), ±0.3% within a level; ...'."""
+    parts = []
+    for name, block in (noise or {}).items():
+        spec = METRICS.get(name)
+        if spec is None or not isinstance(block, Mapping):
+            continue
+        trial = f"±{block['trial']:.1%}/trial ({block.get('df')} df)" if block.get("trial") is not None \
+            else "trial-to-trial not measured"
+        within = f", ±{block['within']:.1%} within a level" if block.get("within") is not None else ""
+        parts.append(f"{spec.label} {trial}{within}")
+    return "; ".join(parts)
 
 
 HETEROGENEITY_P = 0.99
@@ -784,6 +831,8 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
     lines = [record_title(record) if record else comparison.topology,
              f"  vs baseline {comparison.baseline_path or '-'} (engine {engine}, saved "
              f"{info.get('saved_at') or info.get('created_at') or '?'}): {status}"]
+    if comparison.host_differences:
+        lines.append("  measured on another host: " + "; ".join(comparison.host_differences))
     lines += ["  " + ln for ln in render_table(COMPARISON_COLUMNS, comparison_rows(comparison, record))]
     lines.append("  (Δ: change vs baseline; ! regressed, + improved, ? not compared; noise: "
                  f"{comparison.confidence:.0%} interval of the throughput ratio; tolerances "
@@ -839,6 +888,8 @@ __all__ = [
     "sensitivity_lines",
     "invalid_reason",
     "level_trials",
+    "noise_text",
+    "record_noise",
     "parse_tolerances",
     "t_cdf",
     "t_ppf",

@@ -12,7 +12,7 @@ from typing import Any
 
 from .baseline import BaselineMatch, load_baseline, save_baseline
 from .interop import export_pytest_benchmark
-from .compare import RecordComparison, compare_records, comparison_lines
+from .compare import RecordComparison, compare_records, comparison_lines, noise_text
 from .config import Mm27Config
 from .errors import Mm27Error
 from .mdreport import markdown_report, write_markdown
@@ -78,6 +78,7 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatc
             try:
                 saved = save_baseline(record, cfg.baselines_dir, name=name, force=cfg.force, source_path=path)
                 summary.lines.append(f"baseline saved: {saved}")
+                summary.lines.append(f"  its noise: {noise_text(load_baseline(saved).get('noise'))}")
             except Mm27Error as exc:
                 summary.failures.append(str(exc))
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,17 @@ from .engines import select_engine
 from .engines.base import EngineOptions, LaunchPlan, split_devices
 from .errors import ConfigError, LaunchError, Mm27Error
 from .floors import FloorTable, load_floors
+from .engines.vllm import vllm_python
 from .gpus import check_free_memory, discover_gpus, lease_devices
+from .hostfacts import collect_host_facts
 from .launcher import Launcher
-from .loadgen import run_level
+from .loadgen import LevelMetrics, run_level
 from .paths import catalog_dirs
 from .record import (
-    SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, host_info, new_run_id, now_iso,
+    SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, new_run_id, now_iso,
 )
 from .sim.specs import fit_errors
+from .servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
 from .telemetry import GpuSampler
 from .topology import Topology, load_catalog
 from .verdict import ERROR, FAIL, Verdict, judge_level
@@ -140,7 +144,7 @@ class Harness:
             "run_id": self.run_id,
             "git_commit": self._git,
             "engine": {"name": choice.name, "version": None, "reason": choice.reason},
-            "host": host_info(),
+            "host": collect_host_facts(),
             "hardware": {"profile": topology.hardware, "simulated": choice.name == "sim", "gpus": []},
             "topology": topology.to_dict(),
             "workload": self.workload.to_dict(),
@@ -217,15 +221,26 @@ class Harness:
         record.data["engine"]["version"] = engine.version(self.options)
         live.launcher = Launcher(plan, self.run_dir / "logs")
         started = time.monotonic()
+        # The host facts import torch in the engine's environment: read them while the servers boot.
+        facts = _Background(lambda: collect_host_facts(live.gpus, self._engine_python(choice)))
         try:
             live.launcher.start()
             live.launcher.wait_healthy()
         finally:
             live.plan = live.launcher.plan
+            record.data["host"] = facts.result()
             record.set("launch", live.plan.to_dict())
         record.set("startup_s", round(time.monotonic() - started, 3))
         live.endpoints = live.launcher.endpoints
         live.model = live.plan.model
+
+    def _engine_python(self, choice: EngineChoice) -> str | None:
+        if choice.name != "vllm":
+            return None
+        try:
+            return vllm_python(self.cfg.vllm_command)
+        except ConfigError:
+            return None         # its torch version is then recorded as unreadable
 
     def stop_live(self, status: str | None = None) -> None:
         live, self._live = self._live, None
@@ -284,15 +299,9 @@ class Harness:
             for _ in range(self.cfg.trials):
                 if live.launcher is not None:
                     live.launcher.check_alive()
-                with GpuSampler(live.gpus) as sampler:
-                    metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
-                                        api_key=self.cfg.api_key, workers=self.cfg.workers,
-                                        level_timeout_s=self.cfg.level_timeout_s)
-                trial = metrics.to_dict()
-                telemetry = sampler.summary(metrics.output_tokens)
-                if telemetry is not None:
-                    trial["gpu"] = telemetry
+                trial = self._trial(live, concurrency)
                 trials.append(trial)
+                metrics = LevelMetrics.from_dict(trial)
                 if metrics.failed and metrics.ok == 0:
                     break       # nothing served: more trials would only repeat the failure
             if live.launcher is not None:
@@ -311,12 +320,36 @@ class Harness:
             return entry, verdict
         data = median_trial(trials)
         model_error = self._sim_errors.get((topology.name, concurrency)) if self.choices[topology.name].name == "sim" else None
-        verdict = judge_level(data, floor, self.cfg.max_error_rate, model_error=model_error)
+        verdict = judge_level(data, floor, self.cfg.max_error_rate, model_error=model_error,
+                              engine=self.choices[topology.name].name)
         entry |= {"metrics": data, "trials": trials, "verdict": verdict.to_dict()}
         live.record.add_level(entry)
         verdict = self._compare_level(live, entry, verdict)
         live.measured.append(concurrency)
         return entry, verdict
+
+    def _trial(self, live: LiveTopology, concurrency: int) -> dict[str, Any]:
+        """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile."""
+        pids = live.launcher.pids if live.launcher is not None else {}
+        prefix = live.topology.env.get("VLLM_PROCESS_NAME_PREFIX", DEFAULT_TITLE_PREFIX)
+        with GpuSampler(live.gpus) as sampler, ServerCpuSampler(pids, title_prefix=prefix) as cpu:
+            started = time.time()
+            metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
+                                api_key=self.cfg.api_key, workers=self.cfg.workers,
+                                level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
+                                max_window_s=self.cfg.max_window_s)
+            ended = time.time()
+        trial = metrics.to_dict()
+        # Energy over the whole level, warm-up and tail requests included: they ran on the same GPUs.
+        telemetry = sampler.summary(metrics.output_tokens + int(metrics.unmeasured.get("output_tokens") or 0))
+        if telemetry is not None:
+            trial["gpu"] = telemetry
+        if pids:
+            start, end = metrics.window_wall or (started, ended)
+            shares = cpu.shares(start, end)
+            trial["server_cpu"] = {name: share.to_dict() for name, share in shares.items()}
+            trial["front_end_bound"], trial["front_end_reason"] = front_end_bound(shares)
+        return trial
 
     def _compare_level(self, live: LiveTopology, entry: dict[str, Any], verdict: Verdict) -> Verdict:
         """Gate the level against its baseline (when one is given) and record how."""
@@ -339,6 +372,28 @@ class Harness:
     @property
     def records(self) -> list[RunRecord]:
         return list(self._records.values())
+
+
+class _Background:
+    """A call run in a daemon thread; ``result()`` waits for it (and re-raises what it raised)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="mm27-background", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def median_trial(trials: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from .compare import (
     MetricComparison,
     RecordComparison,
     level_trials,
+    sensitivity_lines,
     tolerance_text,
 )
 from .report import fmt_number, percentile_of, record_title
@@ -75,6 +76,8 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
         lines += [f"Baseline `{comparison.baseline_path or '-'}` (engine {engine}, saved "
                   f"{info.get('saved_at') or info.get('created_at') or '?'}): **{_ICON.get(comparison.status)}**",
                   ""]
+        if comparison.host_differences:
+            lines += ["Measured on another host: " + "; ".join(_cell(x) for x in comparison.host_differences), ""]
     elif note:
         lines += [f"No comparison: {note}", ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" if i < 10 else "---" for i in
@@ -114,6 +117,7 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
         messages = [m.message for lv in comparison.levels for m in lv.metrics if m.status in (REGRESSED, IMPROVED)]
         messages += [m.message for m in comparison.sweep if m.status in (REGRESSED, IMPROVED)]
         notes = [f"c={lv.concurrency} {lv.status}: {lv.note}" for lv in comparison.levels if lv.note]
+        notes += sensitivity_lines(comparison)
         if messages or notes:
             lines += [f"- {_cell(x)}" for x in [*messages, *notes]] + [""]
         n_trials = max((len(level_trials(e)) for e in record.get("levels") or []), default=0)

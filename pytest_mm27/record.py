@@ -9,9 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
-import socket
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -102,15 +100,6 @@ def git_commit(cwd: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def host_info() -> dict[str, Any]:
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
 
 
 def check_writable_dir(path: Path, what: str = "results folder") -> None:

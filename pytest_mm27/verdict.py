@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .floors import Floor
+from .telemetry import throttled
 
 PASS = "pass"
 FAIL = "FAIL"
@@ -57,14 +58,32 @@ def _top_errors(errors: Mapping[str, int], limit: int = 3) -> str:
     return "; ".join(f"{count} x {reason}" for reason, count in items)
 
 
+FRONT_END_ADVICE = {
+    "vllm": "raise vLLM's --api-server-count ([serve] api_server_count in the topology) or add data-parallel ranks",
+    "sim": "the simulator's one server process saturated a core, so its timing may lag its model",
+}
+
+
+def front_end_note(metrics: Mapping[str, Any], engine: str | None) -> str | None:
+    """What a front-end-bound level must say: which process was at its limit, and what to do."""
+    if not metrics.get("front_end_bound"):
+        return None
+    advice = FRONT_END_ADVICE.get(engine or "", "give the server more API processes")
+    return (f"front-end bound: {metrics.get('front_end_reason')}: the server's API process, not the GPU, "
+            f"set this level's numbers; {advice}")
+
+
 def judge_level(metrics: Mapping[str, Any], floor: Floor | None, max_error_rate: float,
-                model_error: float | None = None) -> Verdict:
+                model_error: float | None = None, engine: str | None = None) -> Verdict:
     """Decide a level from its metrics dict (``LevelMetrics.to_dict()``).
 
     ``model_error``: on the simulator, its known error at this (topology,
     concurrency) against the published figure (predicted / published - 1).
     A floor missed by less than the simulator's own under-prediction there
     is inconclusive: it says something about the model, not the system.
+    A front-end-bound level (the server's API process at a full core) is
+    judged like any other; its verdict names that limit (``engine`` picks
+    the advice), and so does a GPU whose clocks were cut during the level.
     """
     problems: list[str] = []
     notes: list[str] = []
@@ -100,7 +119,11 @@ def judge_level(metrics: Mapping[str, Any], floor: Floor | None, max_error_rate:
                          f"{client_share:.1%} of a {shortfall:.1%} shortfall")
     if floor is None:
         notes.append("no floor for this level")
-    tag = "client-bound" if metrics.get("client_bound") else ""
+    front_end = front_end_note(metrics, engine)
+    if front_end:
+        notes.append(front_end)
+    notes.extend(f"GPU clocks cut: {phrase}" for phrase in throttled(metrics.get("gpu")))
+    tag = "client-bound" if metrics.get("client_bound") else "front-end bound" if front_end else ""
     if problems:
         return Verdict(FAIL, tuple(problems), tuple(notes), tag)
     return Verdict(PASS, (), tuple(notes), tag)
