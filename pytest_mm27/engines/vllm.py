@@ -262,6 +262,7 @@ class VllmEngine:
                 "--max-model-len", str(topology.max_model_len),
                 *(["--dtype", model.dtype] if model.dtype else []),
                 *(["--data-parallel-size", str(native_dp)] if native_dp > 1 else []),
+                *(["--api-server-count", str(topology.api_server_count)] if topology.api_server_count else []),
                 *(["--api-key", options.api_key] if options.api_key else []),
                 *topology.vllm_args,
             ]

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model spec (fixtures/models/NAME.toml)")
     s.add_argument("--tensor-parallel-size", type=_positive_int, default=1)
     s.add_argument("--data-parallel-size", type=_positive_int, default=1)
+    s.add_argument("--api-server-count", type=_positive_int, default=None,
+                   help="vLLM's API server processes; accepted so a launch plan runs unchanged, "
+                        "not modelled yet (the simulator's front end has no CPU limit)")
     s.add_argument("--max-num-seqs", type=_positive_int, default=256)
     s.add_argument("--max-model-len", type=_positive_int, default=32768)
     s.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
@@ -118,6 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     hang_after=args.hang_after, startup_delay=args.startup_delay,
                     malformed_sse_rate=args.malformed_sse_rate, cut_stream_rate=args.cut_stream_rate,
                     startup_crash=args.startup_crash)
+    if args.api_server_count is not None:
+        # Said in the server log, so a reader does not take the figures as modelling it.
+        print(f"sim: --api-server-count {args.api_server_count} accepted, not modelled", flush=True)
     serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
     return 0
 
