@@ -232,7 +232,7 @@ class VllmEngine:
         """Provision what the topology needs before it can boot (a generated model)."""
         return provision_model(topology, options.vllm_command)
 
-    def device_kind(self, topology: Topology) -> DeviceKind | None:
+    def device_kind(self, topology: Topology) -> DeviceKind:
         return "cpu" if topology.device == "cpu" else "gpu"
 
     def devices_needed(self, topology: Topology) -> int:
