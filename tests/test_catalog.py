@@ -63,6 +63,36 @@ def test_good_topology_parses(tmp_path):
     assert topo.replicas == 3 and topo.gpus_per_server == 2
     assert topo.model.served_name == "org/model"
     assert topo.to_dict()["env"] == {"NCCL_P2P_DISABLE": "1"}
+    assert (topo.workload, topo.api_server_count) == ("default", None)
+    assert (topo.to_dict()["workload"], topo.to_dict()["api_server_count"]) == ("default", None)
+
+
+def test_topology_names_its_workload_and_api_server_count(tmp_path):
+    text = GOOD.replace('hardware = "rtx-pro-6000"\n', 'hardware = "rtx-pro-6000"\nworkload = "quick"\n')
+    topo = parse_topology(write(tmp_path, text.replace("max_model_len = 4096", "max_model_len = 4096\napi_server_count = 2")))
+    assert (topo.workload, topo.api_server_count) == ("quick", 2)
+    assert (topo.to_dict()["workload"], topo.to_dict()["api_server_count"]) == ("quick", 2)
+
+
+def test_shipped_topologies_name_workloads_that_exist():
+    catalog = load_catalog(catalog_dirs("topologies"))
+    workloads = load_workloads(catalog_dirs("workloads"))
+    for topo in catalog.select(["all"]):
+        workloads.get(topo.workload)
+        if topo.name.startswith("gpu-"):
+            assert topo.workload == "gpu-small", topo.name
+        elif topo.name.startswith("tiny-"):
+            assert topo.workload == "tiny", topo.name
+        else:
+            assert topo.workload == "default", topo.name
+
+
+def test_gpu_8b_topology():
+    topo = load_catalog(catalog_dirs("topologies")).get("gpu-8b-tp1")
+    assert (topo.model.make, topo.model.spec, topo.tensor_parallel, topo.gpus) == ("llama-8b-shape", "llama-8b-shape", 1, 1)
+    assert (topo.hardware, topo.concurrency_levels, topo.max_model_len) == ("h100-sxm", (1, 16, 64, 256), 4096)
+    assert "dummy" in topo.vllm_args and "bfloat16" in topo.vllm_args
+    assert topo.startup_timeout_s >= 600
 
 
 @pytest.mark.parametrize("old,new,field", [
@@ -75,6 +105,11 @@ def test_good_topology_parses(tmp_path):
     ("max_model_len = 4096", "max_model_len = 4096\nmax_num_seq = 8", "serve.max_num_seq"),
     ('env = { NCCL_P2P_DISABLE = "1" }', "env = { NCCL_P2P_DISABLE = 1 }", "serve.env.NCCL_P2P_DISABLE"),
     ('spec = "minimax-m2.7-nvfp4"\n', "", "model.spec"),
+    ("max_model_len = 4096", "max_model_len = 4096\napi_server_count = 0", "serve.api_server_count"),
+    ("max_model_len = 4096", 'max_model_len = 4096\napi_server_count = "2"', "serve.api_server_count"),
+    ("max_model_len = 4096", "max_model_len = 4096\napi_server_count = 1.5", "serve.api_server_count"),
+    ('hardware = "rtx-pro-6000"\n', 'hardware = "rtx-pro-6000"\nworkload = ""\n', "workload"),
+    ('hardware = "rtx-pro-6000"\n', 'hardware = "rtx-pro-6000"\nworkload = 3\n', "workload"),
 ])
 def test_broken_topology_names_file_and_field(tmp_path, old, new, field):
     path = write(tmp_path, GOOD.replace(old, new))

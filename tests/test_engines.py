@@ -173,6 +173,23 @@ def test_sim_argv(tmp_path):
     assert SimEngine().plan(native, EngineOptions(startup_timeout_s=5), [], []).startup_timeout_s == 5
 
 
+def test_api_server_count_reaches_both_engines(tmp_path):
+    topo = make_topology(tmp_path, "t", tp=1, extra="api_server_count = 4\n")
+    assert topo.api_server_count == 4
+    (vllm,) = VllmEngine().plan(topo, EngineOptions(vllm_command=VLLM), [8000], [(0,)]).servers
+    assert vllm.argv[vllm.argv.index("--api-server-count") + 1] == "4"
+    (sim,) = SimEngine().plan(topo, EngineOptions(), [8000], []).servers
+    assert sim.argv[sim.argv.index("--api-server-count") + 1] == "4"
+    from pytest_mm27.sim.__main__ import build_parser
+
+    assert build_parser().parse_args(list(sim.argv[3:])).api_server_count == 4   # after "python -m pytest_mm27.sim"
+    # Unset: vLLM keeps its own default, so the flag is left out.
+    plain = make_topology(tmp_path, "p", tp=1)
+    assert plain.api_server_count is None
+    assert "--api-server-count" not in VllmEngine().plan(plain, EngineOptions(vllm_command=VLLM), [8000], [(0,)]).servers[0].argv
+    assert "--api-server-count" not in SimEngine().plan(plain, EngineOptions(), [8000], []).servers[0].argv
+
+
 def test_select_engine_auto_falls_back_to_sim_here(tmp_path):
     topo = make_topology(tmp_path, "dp2", tp=2, dp=2)
     engine, reason = select_engine("auto", topo, EngineOptions(vllm_command=("vllm-not-here-xyz",)))

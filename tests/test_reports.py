@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pytest_mm27.interop import (
 from pytest_mm27.benchmarks.synthetic import make_record
 from pytest_mm27.compare import compare_records
 from pytest_mm27.mdreport import markdown_report, write_markdown
+from pytest_mm27.record import write_json_atomic
 
 BASE = make_record(seed=1, noise=0.0)
 NOW = make_record(seed=2, noise=0.0, slowdown={64: 1.2}, failed={256: 4}, client_bound=[1], floors={64: 5_000})
@@ -76,6 +78,15 @@ def test_write_markdown_without_step_summary(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     assert write_markdown(tmp_path / "r.md", "x") == [tmp_path / "r.md"]
     assert write_markdown(None, "x") == []
+
+
+def test_markdown_report_is_readable_by_anyone_like_the_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    out = tmp_path / "r.md"
+    write_markdown(out, "x")
+    record = tmp_path / "r.json"
+    write_json_atomic(record, {"x": 1})
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(record.stat().st_mode) == 0o644
 
 
 # ---- plots ---------------------------------------------------------------------------------

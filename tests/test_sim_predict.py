@@ -122,6 +122,26 @@ def test_predict_table_and_full_dp3_sweep_is_fast(catalog, default_workload):
     assert "TTFT p50" in r.stdout and "dp3" in r.stdout
 
 
+def test_predict_defaults_to_the_topologys_workload_and_takes_hardware(capsys):
+    from pytest_mm27.sim.__main__ import main
+
+    assert main(["predict", "--topology", "gpu-tp1", "--concurrency", "1"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "workload gpu-small" in head and "on h100-sxm" in head
+    assert main(["predict", "--topology", "gpu-tp1", "--concurrency", "1", "--workload", "quick",
+                 "--hardware", "h200"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "workload quick" in head and "on h200" in head
+    # The profile really changes the prediction: the H200's memory is faster.
+    def tok_s(*extra: str) -> float:
+        assert main(["predict", "--topology", "gpu-tp1", "--concurrency", "1", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)[0]["output_tok_s"]
+
+    assert tok_s("--hardware", "h200") > tok_s()
+    assert main(["predict", "--topology", "gpu-tp1", "--hardware", "nope"]) == 2
+    assert "no hardware file nope.toml" in capsys.readouterr().err
+
+
 def test_plan_prefers_tp2_dp2_over_tp4_for_nvfp4_at_high_concurrency(default_workload):
     cands = plan("rtx-pro-6000", "minimax-m2.7-nvfp4", 4, default_workload, levels=(64, 128, 256))
     runnable = [(c.tp, c.dp) for c in cands if c.problem is None]

@@ -8,7 +8,9 @@ with that venv's python, the way CI uses it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -75,6 +77,53 @@ def test_configs_have_the_fields_vllm_reads() -> None:
     assert moe["architectures"] == ["Qwen2MoeForCausalLM"]
     assert moe["model_type"] == "qwen2_moe"
     assert moe["num_experts"] >= moe["num_experts_per_tok"] >= 1
+
+
+def _capture_make(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Make the CLI's make_tiny_model record its arguments instead of writing."""
+    seen: dict[str, object] = {}
+
+    def fake(out_dir: Path, **kwargs: object) -> Path:
+        seen.update(kwargs)
+        return out_dir
+
+    monkeypatch.setattr(tinymodel, "make_tiny_model", fake)
+    return seen
+
+
+def test_cli_has_a_flag_for_every_spec_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _capture_make(monkeypatch)
+    sizes = [f.name for f in dataclasses.fields(tinymodel.TinyModelSpec) if f.name != "arch"]
+    argv = [str(tmp_path / "m"), "--arch", "qwen2moe"]
+    for i, name in enumerate(sizes):
+        argv += ["--" + name.replace("_", "-"), str(1000 + i)]
+    assert tinymodel.main(argv) == 0
+    assert seen == {"arch": "qwen2moe", **{name: 1000 + i for i, name in enumerate(sizes)}}
+
+
+def test_make_tiny_model_takes_every_spec_field_with_its_default() -> None:
+    params = inspect.signature(tinymodel.make_tiny_model).parameters
+    spec_defaults = dataclasses.asdict(tinymodel.TinyModelSpec())
+    assert {n: p.default for n, p in params.items() if n != "out_dir"} == spec_defaults
+
+
+def test_cli_maker_flags_override_the_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _capture_make(monkeypatch)
+    assert tinymodel.main([str(tmp_path / "m"), "--maker", "llama-8b-shape", "--num-hidden-layers", "2"]) == 0
+    want = dataclasses.replace(tinymodel.MAKERS["llama-8b-shape"], num_hidden_layers=2)
+    assert seen == dataclasses.asdict(want)
+
+
+def test_llama_8b_shape_has_llama_3_1_8b_dimensions() -> None:
+    spec = tinymodel.MAKERS["llama-8b-shape"]
+    spec.validate()
+    config = tinymodel.model_config(spec)
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (4096, 32)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
+    assert config["intermediate_size"] == 14336
+    assert (config["vocab_size"], config["max_position_embeddings"]) == (2048, 8192)
+    assert tinymodel.tokenizer_config(spec)["model_max_length"] == 8192
 
 
 # ----------------------------------------------------------------- with tokenizers
@@ -199,3 +248,21 @@ def test_cli_with_the_vllm_venv_python(tmp_path: Path) -> None:
     if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "transformers" in proc.stderr:
         pytest.skip("the vLLM venv has no transformers")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not VLLM_VENV_PY.exists(), reason=f"no vLLM venv at {VLLM_VENV_PY.parent.parent}")
+def test_cli_writes_the_llama_8b_shape_maker(tmp_path: Path) -> None:
+    out = tmp_path / "8b"
+    proc = subprocess.run(
+        [str(VLLM_VENV_PY), "-m", "pytest_mm27.tinymodel", str(out), "--maker", "llama-8b-shape"],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (4096, 32, 14336)
+    assert (config["num_key_value_heads"], config["vocab_size"]) == (8, 2048)
+    assert read_stamp(out)["spec"] == dataclasses.asdict(tinymodel.MAKERS["llama-8b-shape"])

@@ -69,7 +69,7 @@ def test_model_make_names_the_model_and_is_validated(tmp_path):
     assert topo.model.name == topo.model.served_name == "tiny-llama"
     named = tiny_topology(tmp_path, 'make = "tiny-llama"\nserved_name = "tiny"')
     assert named.model.served_name == "tiny"
-    with pytest.raises(ConfigError, match=r"field 'model.make': unknown model maker 'gpt2' \(known: small-llama, tiny-llama"):
+    with pytest.raises(ConfigError, match=r"field 'model.make': unknown model maker 'gpt2' \(known: llama-8b-shape, small-llama, tiny-llama"):
         tiny_topology(tmp_path, 'make = "gpt2"')
     with pytest.raises(ConfigError, match=r"model.name"):
         tiny_topology(tmp_path, 'served_name = "x"')

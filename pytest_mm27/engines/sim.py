@@ -94,6 +94,7 @@ class SimEngine:
                 "--model", topology.model.spec,
                 "--tensor-parallel-size", str(topology.tensor_parallel),
                 "--data-parallel-size", str(dp_per_server),
+                *(["--api-server-count", str(topology.api_server_count)] if topology.api_server_count else []),
                 "--max-num-seqs", str(topology.max_num_seqs),
                 "--max-model-len", str(topology.max_model_len),
                 "--gpu-memory-utilization", str(topology.gpu_memory_utilization),

@@ -232,7 +232,7 @@ class VllmEngine:
         """Provision what the topology needs before it can boot (a generated model)."""
         return provision_model(topology, options.vllm_command)
 
-    def device_kind(self, topology: Topology) -> DeviceKind | None:
+    def device_kind(self, topology: Topology) -> DeviceKind:
         return "cpu" if topology.device == "cpu" else "gpu"
 
     def devices_needed(self, topology: Topology) -> int:
@@ -262,6 +262,7 @@ class VllmEngine:
                 "--max-model-len", str(topology.max_model_len),
                 *(["--dtype", model.dtype] if model.dtype else []),
                 *(["--data-parallel-size", str(native_dp)] if native_dp > 1 else []),
+                *(["--api-server-count", str(topology.api_server_count)] if topology.api_server_count else []),
                 *(["--api-key", options.api_key] if options.api_key else []),
                 *topology.vllm_args,
             ]

@@ -1,7 +1,7 @@
 """Per-request records and the level metrics computed from them.
 
-Pure functions only: no I/O, no clocks. Definitions follow DESIGN.md
-("Metric definitions"), which are those of vLLM's benchmark client:
+Pure functions only: no I/O, no clocks. Definitions follow README.md's
+"Metrics" section, which are those of vLLM's benchmark client:
 
 - TTFT: request sent -> first chunk carrying generated text.
 - ITL: every gap between consecutive text-bearing chunks (per chunk).

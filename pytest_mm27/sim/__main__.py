@@ -2,13 +2,14 @@
 
     python -m pytest_mm27.sim serve --port 8000 --served-model-name M --hardware rtx-pro-6000 \\
         --model minimax-m2.7-nvfp4 --tensor-parallel-size 2 --data-parallel-size 1 ...
-    python -m pytest_mm27.sim predict --topology dp3 [--workload default] [--concurrency 1,4] [--json]
+    python -m pytest_mm27.sim predict --topology dp3 [--workload NAME] [--hardware PROFILE] [--concurrency 1,4] [--json]
     python -m pytest_mm27.sim plan --gpus 4 --hardware rtx-pro-6000 --model minimax-m2.7-nvfp4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model spec (fixtures/models/NAME.toml)")
     s.add_argument("--tensor-parallel-size", type=_positive_int, default=1)
     s.add_argument("--data-parallel-size", type=_positive_int, default=1)
+    s.add_argument("--api-server-count", type=_positive_int, default=None,
+                   help="vLLM's API server processes; accepted so a launch plan runs unchanged, "
+                        "not modelled yet (the simulator's front end has no CPU limit)")
     s.add_argument("--max-num-seqs", type=_positive_int, default=256)
     s.add_argument("--max-model-len", type=_positive_int, default=32768)
     s.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
@@ -83,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict a topology's curve on a virtual clock")
     p.add_argument("--topology", required=True)
-    p.add_argument("--workload", default="default")
+    p.add_argument("--workload", default=None, help="request shape (default: the topology's own workload)")
+    p.add_argument("--hardware", default=None,
+                   help="hardware profile in place of the topology's (fixtures/hardware/NAME.toml), "
+                        "as the plugin's --hardware")
     p.add_argument("--concurrency", type=_levels, default=None, help="e.g. 1,4,16 (default: the topology's levels)")
     p.add_argument("--json", action="store_true", help="print a JSON list of per-level objects")
     p.add_argument("--fixtures-dir", type=Path, action="append", default=None)
@@ -118,6 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     hang_after=args.hang_after, startup_delay=args.startup_delay,
                     malformed_sse_rate=args.malformed_sse_rate, cut_stream_rate=args.cut_stream_rate,
                     startup_crash=args.startup_crash)
+    if args.api_server_count is not None:
+        # Said in the server log, so a reader does not take the figures as modelling it.
+        print(f"sim: --api-server-count {args.api_server_count} accepted, not modelled", flush=True)
     serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
     return 0
 
@@ -128,7 +138,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .cluster import setup_for_topology
     from .virtual import predict_curve
     topo = load_catalog(catalog_dirs("topologies", args.fixtures_dir)).get(args.topology)
-    workload = _workload(args.workload, args.fixtures_dir)
+    if args.hardware:
+        topo = dataclasses.replace(topo, hardware=args.hardware)
+    workload = _workload(args.workload or topo.workload, args.fixtures_dir)
     setup = setup_for_topology(topo, extra_dirs=args.fixtures_dir)
     levels = args.concurrency or topo.concurrency_levels
     curve = predict_curve(setup, levels, workload)
