@@ -136,7 +136,7 @@ class Mm27Config:
     topologies: tuple[str, ...] = ("all",)
     engine: str = "auto"
     endpoints: tuple[str, ...] = ()
-    workload: str = "default"
+    workload: str | None = None             # None: each topology's own workload
     concurrency: tuple[int, ...] | None = None
     results_dir: Path = Path("results")
     topology_dirs: tuple[Path, ...] = ()
@@ -224,7 +224,7 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         topologies=split_names(get("topology")) or ("all",),
         engine=_convert("mm27_engine", get("engine") or "auto", parse_engine),
         endpoints=endpoints,
-        workload=get("workload") or "default",
+        workload=get("workload") or None,
         concurrency=concurrency,
         results_dir=path(get("results_dir") or "results"),
         topology_dirs=paths("topology_dir"),

@@ -78,7 +78,10 @@ class Harness:
             # The box differs from the topology's reference: floors, baselines and the
             # simulator then use this profile.
             self.topologies = [dataclasses.replace(t, hardware=cfg.hardware) for t in self.topologies]
-        self.workload: Workload = load_workloads([*cfg.workload_dirs, *catalog_dirs("workloads")]).get(cfg.workload)
+        # --workload for every topology, else each topology's own (a GPU check's shape, a CPU test's).
+        workloads = load_workloads([*cfg.workload_dirs, *catalog_dirs("workloads")])
+        self.workloads: dict[str, Workload] = {
+            t.name: workloads.get(cfg.workload or t.workload) for t in self.topologies}
         self._floor_dirs = [*cfg.floor_dirs, *catalog_dirs("floors")]
         self._floors: dict[str, FloorTable] = {}
         self.options = EngineOptions(
@@ -134,7 +137,7 @@ class Harness:
         return self._floors[topology.hardware]
 
     def floor_value(self, topology: Topology, concurrency: int) -> float | None:
-        floor = self.floors_for(topology).get(topology.name, self.workload.name, concurrency)
+        floor = self.floors_for(topology).get(topology.name, self.workloads[topology.name].name, concurrency)
         return floor.tok_s if floor else None
 
     # ---- records ------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ class Harness:
             "host": collect_host_facts(),
             "hardware": {"profile": topology.hardware, "simulated": choice.name == "sim", "gpus": []},
             "topology": topology.to_dict(),
-            "workload": self.workload.to_dict(),
+            "workload": self.workloads[topology.name].to_dict(),
             "options": {"max_error_rate": self.cfg.max_error_rate, "trials": self.cfg.trials,
                         "concurrency_override": list(self.cfg.concurrency or ()),
                         "sim_faults": dict(self.cfg.sim_faults)},
@@ -284,7 +287,7 @@ class Harness:
     def measure(self, topology: Topology, concurrency: int) -> tuple[dict[str, Any], Verdict]:
         """Run one level; returns the level entry written to the record and its verdict."""
         live = self._boot(topology)
-        floor = self.floors_for(topology).get(topology.name, self.workload.name, concurrency)
+        floor = self.floors_for(topology).get(topology.name, self.workloads[topology.name].name, concurrency)
         entry: dict[str, Any] = {"concurrency": concurrency, "floor": floor.tok_s if floor else None,
                                  "floor_metric": floor.metric if floor else None,
                                  "floor_note": floor.note if floor else None}
@@ -334,7 +337,7 @@ class Harness:
         prefix = live.topology.env.get("VLLM_PROCESS_NAME_PREFIX", DEFAULT_TITLE_PREFIX)
         with GpuSampler(live.gpus) as sampler, ServerCpuSampler(pids, title_prefix=prefix) as cpu:
             started = time.time()
-            metrics = run_level(live.endpoints, live.model, self.workload, concurrency,
+            metrics = run_level(live.endpoints, live.model, self.workloads[live.topology.name], concurrency,
                                 api_key=self.cfg.api_key, workers=self.cfg.workers,
                                 level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
                                 max_window_s=self.cfg.max_window_s)

@@ -38,7 +38,8 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
      {"type": parse_engine, "metavar": "ENGINE"}),
     ("endpoint", "linelist", "URL of an already-running OpenAI-compatible server (repeatable)",
      {"action": "append", "type": parse_endpoint, "metavar": "URL"}),
-    ("workload", "string", "workload name (default: default)", {"metavar": "NAME"}),
+    ("workload", "string", "workload name for every topology (default: each topology's own, usually default)",
+     {"metavar": "NAME"}),
     ("concurrency", "string", "override the topology's concurrency levels, e.g. 1,4,8",
      {"type": parse_concurrency, "metavar": "LEVELS"}),
     ("results_dir", "string", "where run records and logs go (default: results/)", {"metavar": "DIR"}),
@@ -172,8 +173,9 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if harness is None:
         return None
     names = ", ".join(t.name for t in harness.topologies)
+    workloads = ", ".join(dict.fromkeys(w.name for w in harness.workloads.values())) or "-"
     return [harness.engine_line(),
-            f"mm27: topologies {names} · workload {harness.workload.name} · results {harness.run_dir}"]
+            f"mm27: topologies {names} · workload {workloads} · results {harness.run_dir}"]
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ class Level:
         self._harness = harness
         self.topology = case.topology
         self.concurrency = case.concurrency
-        self.workload = harness.workload
+        self.workload = harness.workloads[case.topology.name]
         self.floor = harness.floor_value(case.topology, case.concurrency)
         self.entry: dict[str, Any] | None = None
 

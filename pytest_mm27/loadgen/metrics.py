@@ -169,13 +169,18 @@ def tokens_in_window(record: RequestRecord, start: float, end: float) -> float:
 
 @dataclass(frozen=True)
 class SteadyWindow:
-    """Where a steady level's measured window lay, on the records' timeline (see ``steady``)."""
+    """A steady level's window on the records' timeline (see ``steady``).
+
+    Measured requests are those sent in ``[start, sends_end)``; throughput
+    counts the tokens that arrived from ``start`` until the last of them was
+    done, the load held at c by tail requests all along.
+    """
 
     start: float
-    end: float
-    reason: str | None          # why it ended: precision reached, time cap, fixed window, ...
+    sends_end: float
+    level_end: float            # the last request of the level done
+    reason: str | None          # why sending stopped: precision reached, time cap, fixed window, ...
     warmup_s: float             # level start -> window start
-    tail_s: float               # window end -> last request done
     wall_epoch: float           # wall-clock time of the timeline's zero
 
 
@@ -440,10 +445,11 @@ def window_precision(records: Sequence[RequestRecord], start: float, end: float)
 def _steady_metrics(records: Sequence[RequestRecord], concurrency: int, window: SteadyWindow, *,
                     self_measurements: Sequence[SelfMeasurement], endpoints: Sequence[str],
                     server_output_tokens: int | None, timed_out: bool) -> LevelMetrics:
-    start, end = window.start, window.end
+    start, sends_end = window.start, window.sends_end
+    measured = [r for r in records if start <= r.sent < sends_end]
+    others = [r for r in records if not start <= r.sent < sends_end]
+    end = max((r.end for r in measured), default=sends_end)
     span = max(0.0, end - start)
-    measured = [r for r in records if start <= r.sent < end]
-    others = [r for r in records if not start <= r.sent < end]
     ok = [r for r in measured if r.ok]
     failed = [r for r in measured if not r.ok]
     all_ok = [r for r in records if r.ok]
@@ -487,7 +493,7 @@ def _steady_metrics(records: Sequence[RequestRecord], concurrency: int, window: 
         precision_batch_s=precision.batch_s if precision else None,
         window_reason=window.reason,
         warmup_s=window.warmup_s,
-        tail_s=window.tail_s,
+        tail_s=max(0.0, window.level_end - end),
         window_wall=[window.wall_epoch + start, window.wall_epoch + end],
         unmeasured={"requests": len(others), "ok": len(others) - len(other_failed), "failed": len(other_failed),
                     "output_tokens": sum(r.output_tokens for r in others if r.ok), "errors": _errors(other_failed)},

@@ -267,7 +267,7 @@ async def _watch_window(state: SteadySlots, clock: WindowClock) -> None:
     """Tick the level's window clock from this process's slots until the window is over."""
     while clock.t1 is None:
         await asyncio.sleep(CHECK_INTERVAL_S)
-        clock.tick(monotonic(), state.chunks(), state.warm_at is not None, state.ok, state.failed)
+        clock.tick(monotonic(), state.chunks(), state.warm_at is not None, state.ok, state.failed, state.request_s)
         state.t0, state.t1 = clock.t0, clock.t1
 
 
@@ -322,8 +322,8 @@ def _window(clock: WindowClock, start: float, end: float, timed_out: bool, shift
     t0 = clock.t0 if clock.t0 is not None else end
     t1 = clock.t1 if clock.t1 is not None else end
     reason = clock.reason or (TIMED_OUT if timed_out else None)
-    return SteadyWindow(start=t0 + shift, end=min(t1, end) + shift, reason=reason,
-                        warmup_s=t0 - start, tail_s=max(0.0, end - t1), wall_epoch=epoch)
+    return SteadyWindow(start=t0 + shift, sends_end=min(t1, end) + shift, level_end=end + shift, reason=reason,
+                        warmup_s=t0 - start, wall_epoch=epoch)
 
 
 # --- sharded over processes ---
@@ -395,7 +395,7 @@ async def _report_to_parent(state: SteadySlots, conn, offset: float) -> None:
     """
     while True:
         await asyncio.sleep(CHECK_INTERVAL_S)
-        conn.send(("tick", state.chunks(), state.warm_at is not None, state.ok, state.failed))
+        conn.send(("tick", state.chunks(), state.warm_at is not None, state.ok, state.failed, state.request_s))
         while conn.poll():
             kind, wall = conn.recv()
             if kind == "t0":
@@ -537,7 +537,7 @@ def _collect(conns, procs, deadline: float | None, grace: float, clock: WindowCl
         fresh = [False] * n
         ticks = [latest[i] for i in running]
         clock.tick(time.time(), sum(t[1] for t in ticks), all(t[2] for t in ticks),
-                   sum(t[3] for t in ticks), sum(t[4] for t in ticks))
+                   sum(t[3] for t in ticks), sum(t[4] for t in ticks), max(t[5] for t in ticks))
         for kind, value, done in (("t0", clock.t0, sent_t0), ("t1", clock.t1, sent_t1)):
             if value is not None and not done:
                 for c, f in zip(conns, finals):

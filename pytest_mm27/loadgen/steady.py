@@ -136,23 +136,38 @@ def binned(times: Sequence[float], weights: Sequence[float] | float, start: floa
 
 @dataclass(frozen=True)
 class WindowRule:
-    """When a steady window ends: at ``window_s`` (fixed), or at the precision target / the cap."""
+    """When a steady window stops taking measured requests.
+
+    The window's throughput is counted until its last measured request is
+    done, about one request time (``ahead``) after the last one is sent, with
+    the load kept at c meanwhile by tail requests. So every rule looks that far
+    ahead: a fixed ``window_s`` stops sending ``ahead`` before its end; the
+    adaptive rule stops once the precision it will have reached by then (the
+    half-width shrinks as one over the square root of the length) is within
+    the target, the window will be at least ``min_window_s`` long, or the cap
+    would be passed.
+    """
 
     window_s: float | None = None     # fixed length; None: adaptive
     precision: float = 0.01
     min_window_s: float = 5.0
     max_window_s: float = 60.0
 
-    def decide(self, elapsed: float, series: Sequence[float], bin_s: float = BIN_S) -> str | None:
-        """The stop reason once the window may end, else None (``series``: arrivals per bin since t0)."""
+    def decide(self, elapsed: float, series: Sequence[float], bin_s: float = BIN_S,
+               ahead: float = 0.0) -> str | None:
+        """The stop reason once sending may stop, else None (``series``: arrivals per bin since t0)."""
+        length = elapsed + ahead
         if self.window_s is not None:
-            return FIXED if elapsed >= self.window_s else None
-        if elapsed >= self.max_window_s:
+            return FIXED if length >= self.window_s and elapsed >= self.window_s / 4 else None
+        if length >= self.max_window_s:
             return TIME_CAP
-        if elapsed < self.min_window_s:
+        if length < self.min_window_s:
             return None
         p = batch_means(series, bin_s)
-        return PRECISION if p is not None and p.half_width <= self.precision else None
+        if p is None:
+            return None
+        projected = p.half_width * math.sqrt(elapsed / length) if length > 0 else p.half_width
+        return PRECISION if projected <= self.precision else None
 
 
 def staggered_tokens(slot: int, slots: int, output_tokens: int) -> int:
@@ -169,7 +184,7 @@ NOTHING = "nothing served"
 
 
 class WindowClock:
-    """Decides a steady window's start and end from periodic ticks (pure; any clock).
+    """Decides when a steady window opens and when it stops taking measured requests (pure; any clock).
 
     One clock serves a level whether its slots run in this process or in
     several worker processes (the parent then ticks it with their sums).
@@ -180,26 +195,26 @@ class WindowClock:
         self.start = start
         self.warmup_s = warmup_s
         self.concurrency = concurrency
-        self.t0: float | None = None
-        self.t1: float | None = None
+        self.t0: float | None = None        # the window opens
+        self.t1: float | None = None        # no measured request is sent from here on
         self.reason: str | None = None
         self.series: list[float] = []       # chunk arrivals per tick since t0
         self._last = 0
 
-    def tick(self, now: float, chunks: int, warm: bool, measured_ok: int, measured_failed: int) -> None:
-        """``chunks``: arrivals so far; ``warm``: every first request is done; counts: measured requests done."""
+    def tick(self, now: float, chunks: int, warm: bool, measured_ok: int, measured_failed: int,
+             request_s: float = 0.0) -> None:
+        """``chunks``: arrivals so far; ``warm``: every first request is done; counts: measured requests
+        done; ``request_s``: how long a full-length request took (the window runs that long after t1)."""
         if self.t1 is not None:
             return
         if self.t0 is None:
             if warm and now >= self.start + self.warmup_s:
                 self.t0, self._last = now, chunks
-                if self.rule.window_s is not None:
-                    self.t1, self.reason = now + self.rule.window_s, FIXED
             return
         self.series.append(chunks - self._last)
         self._last = chunks
         elapsed = now - self.t0
-        reason = self.rule.decide(elapsed, self.series, CHECK_INTERVAL_S)
+        reason = self.rule.decide(elapsed, self.series, CHECK_INTERVAL_S, ahead=request_s)
         if reason is None and measured_ok == 0 and (measured_failed >= self.concurrency or (
                 elapsed >= self.rule.min_window_s and not any(self.series))):
             reason = NOTHING      # a server that answers only errors must not hold the level for its cap
@@ -227,6 +242,7 @@ class SteadySlots:
         self.next = 0
         self.first_left = slots
         self.warm_at: float | None = None
+        self.request_s = 0.0        # the longest first request (full length): one request time
         self.t0: float | None = None
         self.t1: float | None = None
         self.ok = 0                 # measured requests done, by outcome
@@ -264,6 +280,7 @@ class SteadySlots:
         self.done_chunks += len(parser.chunk_times)
         if rec.index - self.base < self.slots:
             self.first_left -= 1
+            self.request_s = max(self.request_s, rec.end - rec.sent)
             if self.first_left == 0:
                 self.warm_at = rec.end
         elif self.measured(rec.sent):
