@@ -349,9 +349,10 @@ def facts_differences(baseline: Mapping[str, Any] | None, run: Mapping[str, Any]
     """
     base, this = dict(baseline or {}), dict(run or {})
     out = []
-    if "cpu_model" not in base:
+    # Said only when the other side has them: two old blocks just compare what they hold.
+    if "cpu_model" not in base and "cpu_model" in this:
         out.append("baseline records no host facts (saved by an older harness)")
-    if "cpu_model" not in this:
+    if "cpu_model" not in this and "cpu_model" in base:
         out.append("this run records no host facts")
     # platform.platform() is kernel + C library: with both sides' OS and kernel it only repeats them
     old = "kernel" not in base or "kernel" not in this
