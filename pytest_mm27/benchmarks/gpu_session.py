@@ -46,16 +46,16 @@ SLOW_OPTION = "--no-async-scheduling"
 
 # name -> (pytest args or None for the cross-check, results folder, rough seconds)
 STEPS: dict[str, tuple[list[str] | None, str, int]] = {
-    "8b-baseline": (["--topology", GPU_BOUND, "--save-baseline", "--force"], "results", 300),
-    "8b-nightly": (["--topology", GPU_BOUND, "--baseline", "auto"], "results", 130),
-    "8b-slow-nightly": (["--topology", GPU_BOUND, "--topology-dir", "{slow}", "--baseline", "auto"], "results", 130),
+    "8b-baseline": (["--topology", GPU_BOUND, "--save-baseline", "--force"], "results", 280),
+    "8b-nightly": (["--topology", GPU_BOUND, "--baseline", "auto"], "results", 120),
+    "8b-slow-nightly": (["--topology", GPU_BOUND, "--topology-dir", "{slow}", "--baseline", "auto"], "results", 120),
     "8b-slow-long": (["--topology", GPU_BOUND, "--topology-dir", "{slow}", "--trials", "3",
-                      "--concurrency", "16,64", "--precision", "0.5%", "--max-window", "40"], "results-long", 260),
+                      "--concurrency", "16,64", "--precision", "0.5%", "--max-window", "40"], "results-long", 220),
     "8b-long": (["--topology", GPU_BOUND, "--trials", "3", "--concurrency", "16,64", "--precision", "0.5%",
                  "--max-window", "40"], "results-long", 260),
-    "tp1-baseline": (["--topology", "gpu-tp1", "--save-baseline", "--force"], "results", 220),
-    "tp1-prefill": (["--topology", "gpu-tp1", "--workload", "prefill-heavy"], "results-prefill", 110),
-    "crosscheck": (None, "crosscheck", 240),
+    "tp1-baseline": (["--topology", "gpu-tp1", "--save-baseline", "--force"], "results", 180),
+    "tp1-prefill": (["--topology", "gpu-tp1", "--workload", "prefill-heavy"], "results-prefill", 100),
+    "crosscheck": (None, "crosscheck", 220),
 }
 
 
@@ -71,6 +71,14 @@ def slow_topology(folder: Path) -> Path:
     return folder
 
 
+def _plugin_flag() -> list[str]:
+    """``-p pytest_mm27.plugin`` where the package is not installed (a GPU machine's copy of the tree)."""
+    from importlib.metadata import entry_points
+
+    installed = any(ep.name == "mm27" for ep in entry_points(group="pytest11"))
+    return [] if installed else ["-p", "pytest_mm27.plugin"]
+
+
 def run_step(name: str, out: Path, vllm: str, budget_left: float) -> dict[str, Any]:
     base = name.rstrip("-0123456789") if name not in STEPS else name
     args, results, estimate = STEPS[base]
@@ -82,11 +90,11 @@ def run_step(name: str, out: Path, vllm: str, budget_left: float) -> dict[str, A
     if args is None:
         cmd = [sys.executable, "-m", "pytest_mm27.benchmarks.vllm_crosscheck", "--vllm", vllm, "--topology", GPU_BOUND,
                "--hardware", "h200", "--concurrency", "16,64", "--input-len", "128", "--output-len", "256",
-               "--prompts-per-slot", "4", "--rounds", "3", "--json", str(out / results / "crosscheck.json")]
+               "--prompts-per-slot", "4", "--rounds", "2", "--json", str(out / results / "crosscheck.json")]
         (out / results).mkdir(parents=True, exist_ok=True)
     else:
         slow = str(slow_topology(out / "slow-topology"))
-        cmd = [sys.executable, "-m", "pytest", "-p", "pytest_mm27.plugin", "suites/", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", *_plugin_flag(), "suites/", "-p", "no:cacheprovider",
                "--engine", "vllm", f"--vllm={vllm}", "--hardware", "h200", f"--results-dir={out / results}",
                *(a.replace("{slow}", slow) for a in args)]
     started = time.monotonic()
