@@ -280,6 +280,10 @@ class RecordComparison:
     # What the two hosts differ in (CPU, GPU clocks and power limit, driver, torch...),
     # said before any number: a change may be the box, not the software.
     host_differences: list[str] = field(default_factory=list)
+    # What the workload and the topology say differently: a changed serve flag is
+    # what a regression often is; a changed request shape makes nothing comparable.
+    definition_differences: list[str] = field(default_factory=list)
+    baseline_note: str = ""
 
     @property
     def status(self) -> str:
@@ -313,7 +317,8 @@ class RecordComparison:
                 "baseline_path": self.baseline_path, "status": self.status, "tolerances": self.tolerances,
                 "confidence": self.confidence, "noise_source": self.noise_source,
                 "baseline_info": self.baseline_info, "levels": [lv.to_dict() for lv in self.levels],
-                "sweep": [m.to_dict() for m in self.sweep], "host_differences": list(self.host_differences)}
+                "sweep": [m.to_dict() for m in self.sweep], "host_differences": list(self.host_differences),
+                "definition_differences": list(self.definition_differences), "baseline_note": self.baseline_note}
 
 
 def worst(statuses: Iterable[str]) -> str:
@@ -422,11 +427,15 @@ def compare_records(
     now_levels = {lv["concurrency"]: lv for lv in record.get("levels") or []}
     concurrencies = sorted(set(base_levels) | set(now_levels))
 
+    shape = workload_differences(baseline.get("workload"), record.get("workload"))
+
     def reason_for(c: int, throughput: bool) -> str | None:
         if c not in base_levels:
             return "no baseline for this level"
         if c not in now_levels:
             return "in the baseline but not measured in this run"
+        if shape:
+            return "the workload is not the baseline's (" + "; ".join(shape) + "); save a new baseline"
         bad_base = invalid_reason(base_levels[c], max_error_rate, throughput=throughput)
         bad_now = invalid_reason(now_levels[c], max_error_rate, throughput=throughput)
         return (f"this run: {bad_now}" if bad_now else None) or (f"baseline: {bad_base}" if bad_base else None)
@@ -459,13 +468,15 @@ def compare_records(
             ss_sum += ss
             df_sum += df
         # A level that scatters far more than the others (F-test against the rest) keeps its own
-        # noise estimate and leaves the pool, so it can neither hide in it nor inflate it.
+        # noise estimate and leaves the pool, so it can neither hide in it nor inflate it; so does
+        # a front-end-bound one, whatever the test says: its noise is the saturated API process's
+        # (on an H200, CV 9.6 % at c=256 against 1.4 % at c=16), not the GPU's.
         for c in concurrencies:
             sample = samples.get((spec.name, c))
             if sample is None or not pool_levels:
                 continue
             ss, df = sample.ss_df
-            if _noisier_than_the_rest(ss, df, ss_sum, df_sum):
+            if _front_end_bound(base_levels[c], now_levels[c]) or _noisier_than_the_rest(ss, df, ss_sum, df_sum):
                 own_noise.add((spec.name, c))
         for name_c in own_noise:
             if name_c[0] == spec.name:
@@ -557,6 +568,8 @@ def compare_records(
                        "saved_at": (baseline.get("baseline") or {}).get("saved_at")},
         sweep=sweep,
         host_differences=facts_differences(baseline.get("host"), record.get("host")),
+        definition_differences=shape + topology_differences(baseline.get("topology"), record.get("topology")),
+        baseline_note=str((baseline.get("baseline") or {}).get("note") or ""),
     )
 
 
@@ -603,6 +616,37 @@ def noise_text(noise: Mapping[str, Any] | None) -> str:
 
 
 HETEROGENEITY_P = 0.99
+
+
+# What a request is: a change here makes two records measure different things.
+WORKLOAD_SHAPE = ("input_tokens", "output_tokens", "ignore_eos", "api", "temperature", "measure")
+# How the servers were started: a change here is what the comparison is for, and is named.
+TOPOLOGY_SETUP = ("tensor_parallel", "data_parallel", "dp_mode", "max_num_seqs", "gpu_memory_utilization",
+                  "max_model_len", "vllm_args", "env", "api_server_count")
+
+
+def _differ(fields: Sequence[str], base: Mapping[str, Any] | None, now: Mapping[str, Any] | None,
+            prefix: str) -> list[str]:
+    base, now = base or {}, now or {}
+    out = []
+    for key in fields:
+        # "measure" came with steady windows: a record without it counted requests
+        b, n = base.get(key, "count" if key == "measure" else None), now.get(key, "count" if key == "measure" else None)
+        if b != n:
+            out.append(f"{prefix}{key}: {b!r} (baseline) vs {n!r} (this run)")
+    return out
+
+
+def workload_differences(baseline: Mapping[str, Any] | None, record: Mapping[str, Any] | None) -> list[str]:
+    return _differ(WORKLOAD_SHAPE, baseline, record, "workload ")
+
+
+def topology_differences(baseline: Mapping[str, Any] | None, record: Mapping[str, Any] | None) -> list[str]:
+    return _differ(TOPOLOGY_SETUP, baseline, record, "topology ")
+
+
+def _front_end_bound(*levels: Mapping[str, Any]) -> bool:
+    return any(t.get("front_end_bound") for level in levels for t in level_trials(level))
 
 
 def _noisier_than_the_rest(ss: float, df: int, ss_all: float, df_all: int) -> bool:
@@ -831,8 +875,12 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
     lines = [record_title(record) if record else comparison.topology,
              f"  vs baseline {comparison.baseline_path or '-'} (engine {engine}, saved "
              f"{info.get('saved_at') or info.get('created_at') or '?'}): {status}"]
+    if comparison.baseline_note:
+        lines.append(f"  baseline note: {comparison.baseline_note}")
     if comparison.host_differences:
         lines.append("  measured on another host: " + "; ".join(comparison.host_differences))
+    if comparison.definition_differences:
+        lines.append("  defined differently: " + "; ".join(comparison.definition_differences))
     lines += ["  " + ln for ln in render_table(COMPARISON_COLUMNS, comparison_rows(comparison, record))]
     lines.append("  (Δ: change vs baseline; ! regressed, + improved, ? not compared; noise: "
                  f"{comparison.confidence:.0%} interval of the throughput ratio; tolerances "
@@ -859,11 +907,11 @@ def sensitivity_lines(comparison: RecordComparison) -> list[str]:
             blind.setdefault(m.metric, []).append(m)
     out = []
     for metric, ms in blind.items():
-        where = ", ".join("the sweep" if m.concurrency == SWEEP else f"c={m.concurrency} (±{m.noise:.1%})" for m in ms)
-        worst = max(m.noise for m in ms)      # type: ignore[type-var]
-        out.append(f"gate sensitivity: {metric} could not have caught a change under {worst:.1%} at {where}: "
-                   f"the noise band is wider than its {ms[0].tolerance:.0%} tolerance; more trials "
-                   "(--trials) or longer windows (--precision) narrow it")
+        where = ", ".join(f"{'the sweep' if m.concurrency == SWEEP else f'c={m.concurrency}'} ±{m.noise:.1%}"
+                          for m in ms)
+        out.append(f"gate sensitivity: {metric} could not have caught a change smaller than its noise band "
+                   f"({where}; tolerance {ms[0].tolerance:.0%}); more trials (--trials) or longer windows "
+                   "(--precision) narrow it")
     return out
 
 

@@ -76,8 +76,12 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
         lines += [f"Baseline `{comparison.baseline_path or '-'}` (engine {engine}, saved "
                   f"{info.get('saved_at') or info.get('created_at') or '?'}): **{_ICON.get(comparison.status)}**",
                   ""]
+        if comparison.baseline_note:
+            lines += [f"Baseline note: {_cell(comparison.baseline_note)}", ""]
         if comparison.host_differences:
             lines += ["Measured on another host: " + "; ".join(_cell(x) for x in comparison.host_differences), ""]
+        if comparison.definition_differences:
+            lines += ["Defined differently: " + "; ".join(_cell(x) for x in comparison.definition_differences), ""]
     elif note:
         lines += [f"No comparison: {note}", ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" if i < 10 else "---" for i in

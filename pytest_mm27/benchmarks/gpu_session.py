@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,7 +87,6 @@ def run_step(name: str, out: Path, vllm: str, budget_left: float) -> dict[str, A
     log.parent.mkdir(parents=True, exist_ok=True)
     if estimate > budget_left:
         return {"step": name, "skipped": f"needs ~{estimate} s, {budget_left:.0f} s left"}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args is None:
         cmd = [sys.executable, "-m", "pytest_mm27.benchmarks.vllm_crosscheck", "--vllm", vllm, "--topology", GPU_BOUND,
                "--hardware", "h200", "--concurrency", "16,64", "--input-len", "128", "--output-len", "256",
@@ -101,13 +101,31 @@ def run_step(name: str, out: Path, vllm: str, budget_left: float) -> dict[str, A
     with log.open("w") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                timeout=max(60.0, budget_left)).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc = run_bounded(cmd, fh, max(60.0, budget_left - TEARDOWN_S))
     return {"step": name, "rc": rc, "seconds": round(time.monotonic() - started, 1), "log": str(log),
             "results": str(out / results)}
+
+
+# What a step is left for its teardown when its time is up: pytest tears the
+# servers down on SIGINT; a SIGKILL there would orphan a GPU-holding engine
+# (seen once on an H200: the next boot found 120 GB of the GPU taken).
+TEARDOWN_S = 45.0
+
+
+def run_bounded(cmd: list[str], log: Any, seconds: float) -> int | None:
+    """Run ``cmd`` for at most ``seconds``, then interrupt it as Ctrl-C would; None when it had to be."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=TEARDOWN_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return None
 
 
 def _records(folder: Path, since: float) -> list[dict[str, Any]]:
