@@ -78,11 +78,14 @@ def make_record(*, trials: int = 3, noise: float | Mapping[int, float] = 0.03, s
                 workload: str = "default", profile: str = "rtx-pro-6000-x3", simulated: bool = False,
                 engine: str = "vllm", engine_version: str = "0.11.0",
                 failed: Mapping[int, int] | None = None, client_bound: Sequence[int] = (),
-                floors: Mapping[int, float] | None = None, within: float | None = None) -> dict[str, Any]:
+                floors: Mapping[int, float] | None = None, within: float | Mapping[int, float] | None = None,
+                front_end: Sequence[int] = ()) -> dict[str, Any]:
     """A complete run record (schema of ``record.RunRecord``) with ``trials`` trials per level.
 
     ``noise`` and ``slowdown`` may be given per concurrency (a mapping; noise defaults to 3 %);
-    ``within`` is the within-level noise each trial reports (see ``trial_metrics``).
+    ``within`` is the within-level noise each trial reports (see ``trial_metrics``), also per
+    concurrency; levels in ``front_end`` are marked front-end bound, as the harness marks a level
+    whose API server process was at a full core.
     """
     rng = random.Random(seed)
     out_levels = []
@@ -90,8 +93,11 @@ def make_record(*, trials: int = 3, noise: float | Mapping[int, float] = 0.03, s
         factor = slowdown.get(c, 1.0) if isinstance(slowdown, Mapping) else slowdown
         truth = true_values(c)
         level_noise = noise.get(c, 0.03) if isinstance(noise, Mapping) else noise
+        level_within = within.get(c) if isinstance(within, Mapping) else within
         ts = [trial_metrics(c, truth, rng, level_noise, slowdown=factor, failed=(failed or {}).get(c, 0),
-                            client_bound=c in client_bound, within=within) for _ in range(trials)]
+                            client_bound=c in client_bound, within=level_within) for _ in range(trials)]
+        for t in ts:
+            t["front_end_bound"] = c in front_end
         best = max(ts, key=lambda t: t["output_tok_s"])
         out_levels.append({
             "concurrency": c, "floor": (floors or {}).get(c), "floor_note": None, "metrics": best,
