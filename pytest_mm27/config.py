@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .compare import parse_tolerances
+from .gate.compare import parse_tolerances
 from .errors import ConfigError
 
 ENGINE_CHOICES = ("auto", "vllm", "sim", "endpoint")

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .baseline import BaselineMatch, load_baseline, save_baseline
-from .interop import export_pytest_benchmark
-from .compare import RecordComparison, compare_records, comparison_lines, noise_text
+from .gate.baseline import BaselineMatch, load_baseline, save_baseline
+from .report.benchmark_export import export_pytest_benchmark
+from .gate.compare import RecordComparison, compare_records, comparison_lines, noise_text
 from .config import Mm27Config
 from .errors import Mm27Error
-from .mdreport import markdown_report, write_markdown
-from .plots import PlotsUnavailable, plot_records
-from .record import load_record
-from .report import record_table
+from .report.markdown import markdown_report, write_markdown
+from .report.plots import PlotsUnavailable, plot_records
+from .records.store import load_record
+from .report.terminal import record_table
 
 
 @dataclass

@@ -19,28 +19,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .baseline import BaselineMatch, resolve_baselines
-from .compare import REGRESSED, compare_records
+from .gate.baseline import BaselineMatch, resolve_baselines
+from .gate.compare import REGRESSED, compare_records
 from .config import Mm27Config
 from .engines import select_engine
 from .engines.base import EngineOptions, LaunchPlan, split_devices
 from .errors import ConfigError, LaunchError, Mm27Error
-from .floors import FloorTable, load_floors
+from .catalog.floors import FloorTable, load_floors
 from .engines.vllm import vllm_python
-from .gpus import check_free_memory, discover_gpus, lease_devices
-from .hostfacts import collect_host_facts
-from .launcher import Launcher
+from .host.gpus import check_free_memory, discover_gpus, lease_devices
+from .host.hostfacts import collect_host_facts
+from .host.launcher import Launcher
 from .loadgen import LevelMetrics, run_level
-from .paths import catalog_dirs
-from .record import (
+from .catalog.paths import catalog_dirs
+from .records.store import (
     SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, new_run_id, now_iso,
 )
 from .sim.specs import fit_errors
-from .servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
-from .telemetry import GpuSampler
-from .topology import Topology, load_catalog
-from .verdict import ERROR, FAIL, Verdict, judge_level
-from .workload import Workload, load_workloads
+from .host.servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
+from .host.telemetry import GpuSampler
+from .catalog.topology import Topology, load_catalog
+from .gate.verdict import ERROR, FAIL, Verdict, judge_level
+from .catalog.workload import Workload, load_workloads
 
 
 @dataclass

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_mm27.baseline import BaselineError, load_baseline
+from pytest_mm27.gate.baseline import BaselineError, load_baseline
 from pytest_mm27.errors import ConfigError
-from pytest_mm27.floors import parse_floors
-from pytest_mm27.topology import parse_topology
-from pytest_mm27.workload import parse_workload
+from pytest_mm27.catalog.floors import parse_floors
+from pytest_mm27.catalog.topology import parse_topology
+from pytest_mm27.catalog.workload import parse_workload
 
 # --- generated broken files -------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27 import baseline as bl
-from pytest_mm27 import record as record_mod
-from pytest_mm27.baseline import (
+from pytest_mm27.gate import baseline as bl
+from pytest_mm27.records import store as record_mod
+from pytest_mm27.gate.baseline import (
     BaselineError,
     BaselineExistsError,
     BaselineMismatchError,
@@ -212,6 +212,6 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_library_does_not_import_pytest() -> None:
-    for mod in (bl, __import__("pytest_mm27.compare", fromlist=["x"])):
+    for mod in (bl, __import__("pytest_mm27.gate.compare", fromlist=["x"])):
         source = Path(mod.__file__).read_text()
         assert "import pytest\n" not in source and "from pytest " not in source

@@ -16,10 +16,10 @@ from pytest_mm27.benchmarks.vllm_bench_result import BenchResultError, parse_ben
 from pytest_mm27.benchmarks.vllm_crosscheck import CpuSample, CpuSampler, paired, theirs
 from pytest_mm27.engines import EngineOptions, VllmEngine
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.loadgen.bench_client import Row, parse_guidellm
-from pytest_mm27.paths import catalog_dirs
-from pytest_mm27.topology import load_catalog
-from pytest_mm27.workload import load_workloads
+from pytest_mm27.benchmarks.bench_client import Row, parse_guidellm
+from pytest_mm27.catalog.paths import catalog_dirs
+from pytest_mm27.catalog.topology import load_catalog
+from pytest_mm27.catalog.workload import load_workloads
 
 
 def test_paired_comparison_sees_a_steady_gap_through_drift():

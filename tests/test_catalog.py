@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from pytest_mm27.errors import ConfigError
-from pytest_mm27.floors import load_floors
-from pytest_mm27.paths import builtin_fixtures_dir, catalog_dirs
-from pytest_mm27.topology import UnknownName, load_catalog, parse_topology
-from pytest_mm27.workload import load_workloads, parse_workload
+from pytest_mm27.catalog.floors import load_floors
+from pytest_mm27.catalog.paths import builtin_fixtures_dir, catalog_dirs
+from pytest_mm27.catalog.topology import UnknownName, load_catalog, parse_topology
+from pytest_mm27.catalog.workload import load_workloads, parse_workload
 
 GOOD = """
 name = "t1"

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from pytest_mm27.benchmarks.synthetic import make_record
-from pytest_mm27.compare import (
+from pytest_mm27.gate.compare import (
     DEFAULT_TOLERANCES,
     IMPROVED,
     INVALID,

@@ -20,7 +20,7 @@ from pytest_mm27.engines import (
 from pytest_mm27.engines.base import redact_argv, redact_env
 from pytest_mm27.engines.vllm import cpu_bind, format_cores, parse_version
 from pytest_mm27.errors import ConfigError
-from pytest_mm27.topology import parse_topology
+from pytest_mm27.catalog.topology import parse_topology
 
 
 def make_topology(tmp_path: Path, name: str = "t", *, tp: int = 2, dp: int = 1, mode: str = "native",

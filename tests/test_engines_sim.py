@@ -7,8 +7,8 @@ import urllib.request
 from pathlib import Path
 
 from pytest_mm27.engines import EngineOptions, SimEngine
-from pytest_mm27.launcher import Launcher
-from pytest_mm27.topology import parse_topology
+from pytest_mm27.host.launcher import Launcher
+from pytest_mm27.catalog.topology import parse_topology
 
 
 def get(url: str, key: str | None = None) -> dict:

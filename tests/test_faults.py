@@ -28,12 +28,12 @@ from pytest_mm27.benchmarks import fault_suite
 from pytest_mm27.engines.base import EngineOptions
 from pytest_mm27.engines.sim import SimEngine
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.gpus import lease_devices, lock_path
+from pytest_mm27.host.gpus import lease_devices, lock_path
 from pytest_mm27.testing import sim_topology
-from pytest_mm27.launcher import Launcher
+from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.loadgen import run_level
-from pytest_mm27.topology import parse_topology
-from pytest_mm27.workload import Workload
+from pytest_mm27.catalog.topology import parse_topology
+from pytest_mm27.catalog.workload import Workload
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_devices_leased_by_another_run(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from pytest_mm27.gpus import lease_devices
+        from pytest_mm27.host.gpus import lease_devices
         lease = lease_devices(2, kind="cpu", candidates=[0, 1], lock_dir=Path({str(tmp_path)!r}),
                               owner="pytest-mm27 other-run")
         print("held", flush=True)

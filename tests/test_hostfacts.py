@@ -7,7 +7,7 @@ import platform
 import sys
 import types
 
-from pytest_mm27.hostfacts import collect_host_facts, facts_differences
+from pytest_mm27.host.hostfacts import collect_host_facts, facts_differences
 
 
 class NVMLError(Exception):

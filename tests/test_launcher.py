@@ -15,8 +15,8 @@ import pytest
 
 from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.launcher import Launcher, free_port, port_in_use, read_log_tail
-from pytest_mm27.topology import parse_topology
+from pytest_mm27.host.launcher import Launcher, free_port, port_in_use, read_log_tail
+from pytest_mm27.catalog.topology import parse_topology
 
 # A stand-in for `vllm serve` / the simulator: stdlib only, so it starts fast.
 STANDIN = r'''
@@ -387,8 +387,8 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_launcher import make_plan
-from pytest_mm27.launcher import Launcher
-from pytest_mm27.topology import parse_topology
+from pytest_mm27.host.launcher import Launcher
+from pytest_mm27.catalog.topology import parse_topology
 topo = parse_topology(Path({str(topology.source)!r}))
 l = Launcher(make_plan(topo, Path({str(standin)!r}), ["--spawn", "1"]), Path({str(tmp_path / 'logs')!r}))
 l.launch()
@@ -412,8 +412,8 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_launcher import make_plan
-from pytest_mm27.launcher import Launcher, install_signal_handlers
-from pytest_mm27.topology import parse_topology
+from pytest_mm27.host.launcher import Launcher, install_signal_handlers
+from pytest_mm27.catalog.topology import parse_topology
 install_signal_handlers()
 topo = parse_topology(Path({str(topology.source)!r}))
 l = Launcher(make_plan(topo, Path({str(standin)!r}), ["--spawn", "1"]), Path({str(tmp_path / 'logs')!r}))
@@ -440,7 +440,7 @@ time.sleep(120)
 
 
 def test_teardown_reports_gpu_memory_not_freed(topology, standin, tmp_path, monkeypatch):
-    import pytest_mm27.launcher as launcher_mod
+    import pytest_mm27.host.launcher as launcher_mod
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.interop import (
+from pytest_mm27.report.benchmark_export import (
     benchmark_stats,
     export_pytest_benchmark,
     next_storage_path,
 )
 from pytest_mm27.benchmarks.synthetic import make_record
-from pytest_mm27.compare import compare_records
-from pytest_mm27.mdreport import markdown_report, write_markdown
-from pytest_mm27.record import write_json_atomic
+from pytest_mm27.gate.compare import compare_records
+from pytest_mm27.report.markdown import markdown_report, write_markdown
+from pytest_mm27.records.store import write_json_atomic
 
 BASE = make_record(seed=1, noise=0.0)
 NOW = make_record(seed=2, noise=0.0, slowdown={64: 1.2}, failed={256: 4}, client_bound=[1], floors={64: 5_000})
@@ -93,7 +93,7 @@ def test_markdown_report_is_readable_by_anyone_like_the_records(tmp_path: Path, 
 
 def test_plots(tmp_path: Path, comparison) -> None:
     pytest.importorskip("matplotlib")
-    from pytest_mm27.plots import plot_records
+    from pytest_mm27.report.plots import plot_records
     paths = plot_records([NOW, OTHER], tmp_path, baselines={"dp3": BASE}, comparisons={"dp3": comparison})
     assert [p.name for p in paths] == ["dp3-throughput.png", "dp3-ttft-vs-throughput.png",
                                        "tp4-throughput.png", "tp4-ttft-vs-throughput.png"]
@@ -107,7 +107,7 @@ def test_plots(tmp_path: Path, comparison) -> None:
 def test_plots_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from pytest_mm27 import plots
+    from pytest_mm27.report import plots
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -181,6 +181,6 @@ def test_export_loads_and_compares_with_pytest_benchmark(tmp_path: Path) -> None
 
 
 def test_export_refuses_nothing() -> None:
-    from pytest_mm27.interop import to_pytest_benchmark
+    from pytest_mm27.report.benchmark_export import to_pytest_benchmark
     with pytest.raises(ValueError, match="no run records"):
         to_pytest_benchmark([])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pytest_mm27.servercpu import (
+from pytest_mm27.host.servercpu import (
     API, ENGINE, OTHER, FRONT_END_CORE_SHARE, ProcessCpu, ProcessSeries, ServerCpu, ServerCpuSampler, classify,
     front_end_bound, process_title, server_cpu,
 )

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.paths import catalog_dirs
+from pytest_mm27.catalog.paths import catalog_dirs
 from pytest_mm27.sim.cluster import setup_for_topology
-from pytest_mm27.sim.calibrate import PUBLISHED_METRIC
+from pytest_mm27.benchmarks.calibrate import PUBLISHED_METRIC
 from pytest_mm27.sim.plan import plan
 from pytest_mm27.sim.virtual import predict_curve
-from pytest_mm27.topology import load_catalog
-from pytest_mm27.workload import load_workloads
+from pytest_mm27.catalog.topology import load_catalog
+from pytest_mm27.catalog.workload import load_workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference" / "seed-measurements.toml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import types
 
-from pytest_mm27.report import record_table
-from pytest_mm27.telemetry import GpuSampler, reason_names, throttled
+from pytest_mm27.report.terminal import record_table
+from pytest_mm27.host.telemetry import GpuSampler, reason_names, throttled
 
 
 def level(c, tok_s, gpu=None, verdict="pass", floor=None):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_mm27.floors import parse_floors
+from pytest_mm27.catalog.floors import parse_floors
 from pytest_mm27.testing import floors_file, sim_topology
-from pytest_mm27.topology import parse_topology
+from pytest_mm27.catalog.topology import parse_topology
 
 
 def test_sim_topology_parses(tmp_path):
@@ -28,7 +28,7 @@ def test_floors_file_parses(tmp_path):
 
 def test_xdist_groups_levels_by_topology_from_their_ids():
     pytest.importorskip("xdist")
-    from pytest_mm27.xdist_sched import topology_of
+    from pytest_mm27.plugin.xdist import topology_of
     names = ["tp4", "tp4-fp8", "dp3"]
     assert topology_of("suites/test_throughput.py::test_throughput[tp4-fp8-c64]", names) == "tp4-fp8"
     assert topology_of("suites/test_throughput.py::test_throughput[tp4-c64]", names) == "tp4"

@@ -1,4 +1,4 @@
-"""Tests for pytest_mm27.tinymodel.
+"""Tests for pytest_mm27.engines.tinymodel.
 
 The model-writing tests need the ``tokenizers`` library, which is not a
 dependency of pytest-mm27 (it comes with vLLM); without it they are skipped.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27 import tinymodel
-from pytest_mm27.tinymodel import (
+from pytest_mm27.engines import tinymodel
+from pytest_mm27.engines.tinymodel import (
     MODEL_FILES,
     STAMP_NAME,
     TinyModelError,
@@ -216,7 +216,7 @@ def test_cli_with_the_vllm_venv_python(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     for _ in range(2):  # second run takes the idempotent path
         proc = subprocess.run(
-            [str(VLLM_VENV_PY), "-m", "pytest_mm27.tinymodel", str(out), "--arch", "llama"],
+            [str(VLLM_VENV_PY), "-m", "pytest_mm27.engines.tinymodel", str(out), "--arch", "llama"],
             env=env,
             check=False,
             capture_output=True,
@@ -254,7 +254,7 @@ def test_cli_with_the_vllm_venv_python(tmp_path: Path) -> None:
 def test_cli_writes_the_llama_8b_shape_maker(tmp_path: Path) -> None:
     out = tmp_path / "8b"
     proc = subprocess.run(
-        [str(VLLM_VENV_PY), "-m", "pytest_mm27.tinymodel", str(out), "--maker", "llama-8b-shape"],
+        [str(VLLM_VENV_PY), "-m", "pytest_mm27.engines.tinymodel", str(out), "--maker", "llama-8b-shape"],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=False,
         capture_output=True,

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pytest_mm27.floors import Floor
-from pytest_mm27.verdict import FAIL, INVALID, PASS, judge_level
+from pytest_mm27.catalog.floors import Floor
+from pytest_mm27.gate.verdict import FAIL, INVALID, PASS, judge_level
 
 FLOOR = Floor("t", "w", 8, 1000.0, "test floor", Path("hw.toml"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27 import tinymodel
+from pytest_mm27.engines import tinymodel
 from pytest_mm27.engines import (
     EngineOptions,
     EngineUnavailable,
@@ -24,9 +24,9 @@ from pytest_mm27.engines import (
 from pytest_mm27.engines import vllm as vllm_engine
 from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import ConfigError, LaunchError
-from pytest_mm27.launcher import Launcher
-from pytest_mm27.paths import catalog_dirs
-from pytest_mm27.topology import load_catalog, parse_topology
+from pytest_mm27.host.launcher import Launcher
+from pytest_mm27.catalog.paths import catalog_dirs
+from pytest_mm27.catalog.topology import load_catalog, parse_topology
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PY = REPO / ".venv-vllm" / "bin" / "python"
@@ -124,7 +124,7 @@ def test_provision_runs_the_maker_with_the_vllm_python_once(tmp_path):
     py = script(tmp_path / "venv" / "bin" / "python", (
         "import sys, runpy\n"
         f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
-        "import pytest_mm27.tinymodel as tm\n"
+        "import pytest_mm27.engines.tinymodel as tm\n"
         "tm.train_tokenizer_json = lambda vocab: '{\"fake\": true}'\n"
         "sys.argv = ['tinymodel', *sys.argv[3:]]\n"
         "raise SystemExit(tm.main())\n"))
@@ -135,7 +135,7 @@ def test_provision_runs_the_maker_with_the_vllm_python_once(tmp_path):
     assert ready.model.name == str(cache / "tiny-llama")
     assert ready.model.served_name == "tiny-llama" and ready.model.make == "tiny-llama"
     assert tinymodel.is_complete(cache / "tiny-llama", "llama")
-    assert log.read_text().splitlines() == [f"-m pytest_mm27.tinymodel {cache / 'tiny-llama'} --maker tiny-llama"]
+    assert log.read_text().splitlines() == [f"-m pytest_mm27.engines.tinymodel {cache / 'tiny-llama'} --maker tiny-llama"]
     again = vllm_engine.provision_model(topo, [str(vllm)], cache)
     assert again == ready and len(log.read_text().splitlines()) == 1     # cached: no second run
     assert py.exists()

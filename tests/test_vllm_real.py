@@ -31,9 +31,9 @@ import pytest
 
 from pytest_mm27.engines import EngineOptions, VllmEngine
 from pytest_mm27.engines.vllm import provision_model
-from pytest_mm27.launcher import Launcher
-from pytest_mm27.paths import catalog_dirs
-from pytest_mm27.topology import load_catalog
+from pytest_mm27.host.launcher import Launcher
+from pytest_mm27.catalog.paths import catalog_dirs
+from pytest_mm27.catalog.topology import load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = Path(os.environ.get("MM27_LOCK_DIR", "/tmp/pytest-mm27-locks")) / "vllm-real-tests.lock"

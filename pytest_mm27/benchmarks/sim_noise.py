@@ -28,12 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..compare import REGRESSED, compare_records, comparison_lines
-from ..launcher import free_port
+from ..gate.compare import REGRESSED, compare_records, comparison_lines
+from ..host.launcher import free_port
 from ..loadgen import run_level
-from ..paths import catalog_dirs
-from ..topology import load_catalog
-from ..workload import load_workloads
+from ..catalog.paths import catalog_dirs
+from ..catalog.topology import load_catalog
+from ..catalog.workload import load_workloads
 from .synthetic import make_record
 
 

@@ -11,7 +11,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..record import SCHEMA, SCHEMA_VERSION
+from ..records.store import SCHEMA, SCHEMA_VERSION
 
 DEFAULT_LEVELS = (1, 8, 32, 64, 128, 256)
 

@@ -42,13 +42,13 @@ from ..engines import EngineOptions, VllmEngine
 from ..engines.base import split_devices
 from ..engines.vllm import provision_model
 from ..errors import Mm27Error
-from ..gpus import check_free_memory, lease_devices
-from ..launcher import Launcher
+from ..host.gpus import check_free_memory, lease_devices
+from ..host.launcher import Launcher
 from ..loadgen import run_level
-from ..paths import catalog_dirs
-from ..record import write_json_atomic
-from ..topology import Topology, load_catalog
-from ..workload import Workload, load_workloads
+from ..catalog.paths import catalog_dirs
+from ..records.store import write_json_atomic
+from ..catalog.topology import Topology, load_catalog
+from ..catalog.workload import Workload, load_workloads
 from .vllm_bench_result import read_bench_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,7 +231,7 @@ def paired(label: str, ours_values: list[float], theirs_values: list[float]) -> 
     """Rounds alternate, so each (ours, theirs) pair saw the same server state: the
     mean of the per-round log ratios and its 95% t interval say whether the clients
     differ by more than the server's own round-to-round drift."""
-    from ..compare import t_ppf
+    from ..gate.compare import t_ppf
     logs = [math.log(a / b) for a, b in zip(ours_values, theirs_values) if a > 0 and b > 0]
     if len(logs) < 3:
         return f"paired {label}: too few rounds"

@@ -9,7 +9,7 @@ given by URL) is handled by the plugin, not here.
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..topology import Topology
+from ..catalog.topology import Topology
 from .base import (
     REDACTED,
     Engine,

@@ -1,8 +1,8 @@
 """What an engine hands the launcher: a plan of server processes to start.
 
-An engine turns a :class:`~pytest_mm27.topology.Topology` into a
+An engine turns a :class:`~pytest_mm27.catalog.topology.Topology` into a
 :class:`LaunchPlan` (argv, environment, port and device set per server). It
-boots nothing; :mod:`pytest_mm27.launcher` does. Secrets (the API key, env
+boots nothing; :mod:`pytest_mm27.host.launcher` does. Secrets (the API key, env
 variables that look like credentials) stay in the plan so the servers get
 them, and are masked by every method that produces text for logs or records.
 """
@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from ..errors import ConfigError
-from ..topology import Topology
+from ..catalog.topology import Topology
 
 REDACTED = "***"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ConfigError
-from ..topology import Topology
+from ..catalog.topology import Topology
 from .base import (
     DeviceKind,
     EngineOptions,

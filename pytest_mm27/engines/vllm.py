@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, LaunchError
-from ..topology import Topology
+from ..catalog.topology import Topology
 from .base import (
     DeviceKind,
     EngineOptions,
@@ -145,12 +145,12 @@ def model_cache_dir() -> Path:
 def provision_model(topology: Topology, vllm_command: Sequence[str], cache_dir: Path | None = None) -> Topology:
     """``topology`` with ``[model] make = ...`` generated and its folder as model.name.
 
-    The model is written by :mod:`pytest_mm27.tinymodel` with vLLM's own
+    The model is written by :mod:`pytest_mm27.engines.tinymodel` with vLLM's own
     interpreter (the ``tokenizers`` library lives there, not here), once: a
     complete folder is reused, and a file lock keeps parallel runs from
     writing it twice. Topologies without ``make`` come back unchanged.
     """
-    from .. import tinymodel
+    from . import tinymodel
 
     make = topology.model.make
     if not make:
@@ -167,7 +167,7 @@ def provision_model(topology: Topology, vllm_command: Sequence[str], cache_dir: 
 
 
 def _make_model(folder: Path, make: str, python: str) -> None:
-    argv = [python, "-m", "pytest_mm27.tinymodel", str(folder), "--maker", make]
+    argv = [python, "-m", "pytest_mm27.engines.tinymodel", str(folder), "--maker", make]
     pythonpath = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -200,7 +200,7 @@ class VllmEngine:
                 return False, (f"vllm {version} found, but only {cores} CPU core(s) are usable; "
                                f"topology {topology.name!r} needs {topology.gpus}")
             return True, f"vllm {version} found, CPU device, {cores} core(s) usable"
-        from ..gpus import discover_gpus
+        from ..host.gpus import discover_gpus
 
         count = len(discover_gpus())
         if topology is not None and count < topology.gpus:

@@ -24,7 +24,7 @@ aiohttp (``MM27_LOADGEN_AIOHTTP=1`` forces aiohttp everywhere). uvloop is used
 when importable.
 
 Command line: ``python -m pytest_mm27.loadgen --help``; client benchmark:
-``python -m pytest_mm27.loadgen.bench_client``.
+``python -m pytest_mm27.benchmarks.bench_client``.
 """
 
 from .metrics import LevelMetrics, Percentiles, RequestRecord

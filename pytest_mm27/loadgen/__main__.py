@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from ..errors import Mm27Error
-from ..paths import catalog_dirs
-from ..workload import load_workloads, parse_workload
+from ..catalog.paths import catalog_dirs
+from ..catalog.workload import load_workloads, parse_workload
 from . import run_level
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from ..workload import Workload
+from ..catalog.workload import Workload
 
 # Token ids stay inside 100..1999 so tiny test vocabularies (2048) accept them
 # and special tokens (usually the lowest ids) are never sent.

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from ..errors import LoadError
-from ..workload import Workload
+from ..catalog.workload import Workload
 from .client import (
     Client,
     CountClaimer,

@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _workload(name: str, extra: list[Path] | None):
-    from ..paths import catalog_dirs
-    from ..workload import load_workloads
+    from ..catalog.paths import catalog_dirs
+    from ..catalog.workload import load_workloads
     return load_workloads(catalog_dirs("workloads", extra)).get(name)
 
 
@@ -133,8 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..paths import catalog_dirs
-    from ..topology import load_catalog
+    from ..catalog.paths import catalog_dirs
+    from ..catalog.topology import load_catalog
     from .cluster import setup_for_topology
     from .virtual import predict_curve
     topo = load_catalog(catalog_dirs("topologies", args.fixtures_dir)).get(args.topology)

@@ -3,7 +3,7 @@
 ``fixtures/hardware/<name>.toml``  one GPU model and the link between GPUs;
 ``fixtures/models/<name>.toml``    the shape and storage format of one checkpoint;
 ``fixtures/sim/calibration.toml``  the few global efficiency constants that
-                                   ``python -m pytest_mm27.sim.calibrate`` fits.
+                                   ``python -m pytest_mm27.benchmarks.calibrate`` fits.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..datafile import Table, read_toml
+from ..catalog.datafile import Table, read_toml
 from ..errors import ConfigError
-from ..paths import catalog_dirs
+from ..catalog.paths import catalog_dirs
 
 GIB = 1024 ** 3
 

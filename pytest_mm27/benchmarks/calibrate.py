@@ -1,6 +1,6 @@
 """Fit the simulator's global efficiency constants on the published curves.
 
-    python -m pytest_mm27.sim.calibrate [--reference PATH] [--out PATH] [--workload default]
+    python -m pytest_mm27.benchmarks.calibrate [--reference PATH] [--out PATH] [--workload default]
 
 Reads the published throughput curves (``seed-measurements.toml``), runs the
 virtual-clock predictor for each published topology with the ``default``
@@ -26,12 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..paths import builtin_fixtures_dir, catalog_dirs
-from ..topology import load_catalog
-from ..workload import load_workloads
-from .cluster import setup_for_topology
-from .specs import GIB, Calibration
-from .virtual import simulate_level
+from ..catalog.paths import builtin_fixtures_dir, catalog_dirs
+from ..catalog.topology import load_catalog
+from ..catalog.workload import load_workloads
+from ..sim.cluster import setup_for_topology
+from ..sim.specs import GIB, Calibration
+from ..sim.virtual import simulate_level
 
 # name: (lower bound, upper bound, start)
 FITTED: dict[str, tuple[float, float, float]] = {
@@ -194,7 +194,7 @@ def fit(ref: dict[str, Any], topologies: Any, workload: Any, *, iters: int = 400
 
 def render(cal: Calibration, rows: list[tuple], workload: Any) -> str:
     lines = [
-        "# Written by `python -m pytest_mm27.sim.calibrate`; do not edit by hand.",
+        "# Written by `python -m pytest_mm27.benchmarks.calibrate`; do not edit by hand.",
         "# Global efficiency constants of the simulator's step-time model",
         "# (pytest_mm27/sim/perf.py), fitted on every published point of",
         "# ../shared/reference/seed-measurements.toml with the request shape of the",
@@ -234,7 +234,7 @@ def render(cal: Calibration, rows: list[tuple], workload: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.sim.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.benchmarks.calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reference", type=Path, default=default_reference())
     ap.add_argument("--out", type=Path, default=builtin_fixtures_dir() / "sim" / "calibration.toml")
     ap.add_argument("--workload", default="default")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workloads(catalog_dirs("workloads")).get(args.workload)
     start = None
     if args.from_current and args.out.is_file():
-        from .specs import parse_calibration
+        from ..sim.specs import parse_calibration
         start = parse_calibration(args.out)
     if args.iters == 0 and start is not None:
         # Re-render only: the current constants, their errors recomputed.

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .floors import Floor
-from .telemetry import throttled
+from ..catalog.floors import Floor
+from ..host.telemetry import throttled
 
 PASS = "pass"
 FAIL = "FAIL"

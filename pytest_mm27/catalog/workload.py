@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .datafile import Table, read_toml
-from .errors import ConfigError
+from ..errors import ConfigError
 from .topology import Catalog, load_catalog_files
 
 Api = Literal["completions", "chat"]

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engines.base import LaunchPlan, ServerSpec
-from .errors import LaunchError
+from ..engines.base import LaunchPlan, ServerSpec
+from ..errors import LaunchError
 from .gpus import discover_gpus
 
 __all__ = [

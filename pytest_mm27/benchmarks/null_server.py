@@ -1,6 +1,6 @@
 """A Python twin of /work/shared/tools/null_sse_server.js, for hosts without Node.
 
-    python -m pytest_mm27.loadgen.null_server PORT STEP_MS
+    python -m pytest_mm27.benchmarks.null_server PORT STEP_MS
 
 Every STEP_MS it writes one token chunk to every open stream (one decode
 step of a batched engine), then a usage chunk and [DONE]. Raw asyncio
@@ -113,7 +113,7 @@ async def main(port: int, step_ms: float) -> None:
 
 
 if __name__ == "__main__":
-    from .client import new_event_loop
+    from ..loadgen.client import new_event_loop
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 10.0))

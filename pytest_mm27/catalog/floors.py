@@ -12,7 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .datafile import Table, read_toml
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 # What a floor may bound. output_tok_s: tokens over the measured window (ramp-up

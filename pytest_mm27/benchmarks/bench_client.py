@@ -1,6 +1,6 @@
 """Benchmark the benchmark client: is the load generator ever the bottleneck?
 
-    python -m pytest_mm27.loadgen.bench_client [--levels 64,256,512,1024] [--step-ms 10]
+    python -m pytest_mm27.benchmarks.bench_client [--levels 64,256,512,1024] [--step-ms 10]
 
 Starts the null SSE server (/work/shared/tools/null_sse_server.js, or
 --server-js), which emits one token per step to every open stream, pinned to
@@ -43,8 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..workload import Workload
-from . import run_level
+from ..catalog.workload import Workload
+from ..loadgen import run_level
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SERVER_JS = Path("/work/shared/tools/null_sse_server.js")
@@ -101,7 +101,7 @@ class NullServer:
         if js is not None:
             cmd = [*taskset(1), "node", str(js), str(self.port), str(step_ms)]
         else:  # the Python twin, for hosts without Node
-            cmd = [*taskset(1), sys.executable, "-m", "pytest_mm27.loadgen.null_server", str(self.port), str(step_ms)]
+            cmd = [*taskset(1), sys.executable, "-m", "pytest_mm27.benchmarks.null_server", str(self.port), str(step_ms)]
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=REPO)
@@ -245,7 +245,7 @@ def tiny_tokenizer(vllm_bin: str, tmp: Path) -> Path | None:
     """A tokenizer for vllm bench (it needs one); made with the vLLM venv's python."""
     python = Path(vllm_bin).with_name("python")
     out = tmp / "tiny"
-    r = subprocess.run([str(python), "-m", "pytest_mm27.tinymodel", str(out)], cwd=REPO,
+    r = subprocess.run([str(python), "-m", "pytest_mm27.engines.tinymodel", str(out)], cwd=REPO,
                        capture_output=True, text=True)
     return out if r.returncode == 0 else None
 
@@ -273,7 +273,7 @@ def print_table(rows: list[Row], step_ms: float, header: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.loadgen.bench_client", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pytest_mm27.benchmarks.bench_client", description=__doc__.split("\n")[0])
     ap.add_argument("--levels", default="64,256,512,1024")
     ap.add_argument("--step-ms", type=float, default=10.0)
     ap.add_argument("--output-tokens", type=int, default=200)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                   output_tokens=args.output_tokens, ignore_eos=True,
                   requests_per_concurrency=args.requests_per_c, min_requests=1, duration_s=None,
                   warmup_requests=0, api="completions", temperature=0.0, request_timeout_s=300.0, seed=0)
-    print(f"null server: {'node ' + js.name if js else 'python -m pytest_mm27.loadgen.null_server'}, step {args.step_ms} ms, "
+    print(f"null server: {'node ' + js.name if js else 'python -m pytest_mm27.benchmarks.null_server'}, step {args.step_ms} ms, "
           f"{'pinned to CPU 1' if taskset(1) else 'not pinned'}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}; {args.output_tokens} output tokens, "
           f"{args.requests_per_c:g} x c requests")

@@ -14,8 +14,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from .datafile import Table, read_toml
-from .errors import ConfigError
-from .tinymodel import MAKERS
+from ..errors import ConfigError
+from .makers import MAKERS
 
 DpMode = Literal["native", "replicas"]
 Device = Literal["cuda", "cpu"]
@@ -29,7 +29,7 @@ class ModelRef:
     quantization: str | None    # informational; the flag itself goes in serve.args
     spec: str | None            # simulator model spec (fixtures/models/<spec>.toml)
     dtype: str | None = None
-    # Generated, not downloaded: a pytest_mm27.tinymodel maker ("tiny-llama").
+    # Generated, not downloaded: a pytest_mm27.engines.tinymodel maker ("tiny-llama").
     # Before booting vLLM the harness writes it into a cache folder and serves
     # that folder in place of ``name``.
     make: str | None = None

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import LaunchError
+from ..errors import LaunchError
 
 LeaseKind = Literal["gpu", "cpu"]
 

@@ -86,7 +86,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .hostfacts import facts_differences
+from ..host.hostfacts import facts_differences
 from .stats import f_ppf, t_cdf, t_ppf
 from .verdict import client_understatement, verdict_label
 
@@ -864,7 +864,7 @@ def comparison_lines(comparison: RecordComparison, record: Mapping[str, Any] | N
     their message, invalid and missing levels their reason; ``verbose``
     adds every metric's message.
     """
-    from .report import (  # report is the terminal-table module; one-way import
+    from ..report.terminal import (  # report is the terminal-table module; one-way import
         record_title,
         render_table,
     )

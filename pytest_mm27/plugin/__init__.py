@@ -6,7 +6,6 @@ launcher, sim); this module only adapts it to pytest.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -15,16 +14,16 @@ from typing import Any
 
 import pytest
 
-from .config import (
-    SIM_FAULTS, Mm27Config, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
+from ..config import (
+    SIM_FAULTS, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
     parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
 )
-from .compare import parse_tolerances
-from .errors import Mm27Error
-from .harness import Harness
-from .finish import RunSummary, finish_run
-from .topology import Topology
-from .verdict import ERROR, FAIL, INVALID
+from ..gate.compare import parse_tolerances
+from ..errors import Mm27Error
+from ..harness import Harness
+from ..finish import RunSummary, finish_run
+from ..catalog.topology import Topology
+from ..gate.verdict import ERROR, FAIL, INVALID
 
 HARNESS_KEY = pytest.StashKey[Harness]()
 ERROR_KEY = pytest.StashKey[str]()
@@ -164,7 +163,7 @@ class _XdistHooks:
         """Each topology whole on one worker (see xdist_sched); other modes are the user's choice."""
         if config.getvalue("dist") != "loadgroup":
             return None
-        from .xdist_sched import TopologyScheduling
+        from .xdist import TopologyScheduling
         return TopologyScheduling(config, log, [t.name for t in self.harness.topologies])
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, Mm27Error
+from ..errors import ConfigError, Mm27Error
 from .compare import record_noise
-from .record import SCHEMA, SCHEMA_VERSION, now_iso, write_json_atomic
+from ..records.store import SCHEMA, SCHEMA_VERSION, now_iso, write_json_atomic
 
 SIM_PREFIX = "sim-"
 AUTO = "auto"

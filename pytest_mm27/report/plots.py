@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .compare import IMPROVED, REGRESSED, RecordComparison, level_trials
-from .errors import Mm27Error
-from .report import record_title
+from ..gate.compare import IMPROVED, REGRESSED, RecordComparison, level_trials
+from ..errors import Mm27Error
+from .terminal import record_title
 
 INSTALL_HINT = "pip install matplotlib (or pip install 'pytest-mm27[plots]')"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .verdict import verdict_label
+from ..gate.verdict import verdict_label
 
 
 def fmt_number(value: Any, spec: str = ",.0f", suffix: str = "", missing: str = "-") -> str:

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import Mm27Error
+from .. import __version__
+from ..errors import Mm27Error
 
 SCHEMA = "pytest-mm27/run-record"
 SCHEMA_VERSION = 1

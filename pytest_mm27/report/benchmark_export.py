@@ -42,8 +42,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .compare import invalid_reason, level_trials
-from .record import write_json_atomic
+from ..gate.compare import invalid_reason, level_trials
+from ..records.store import write_json_atomic
 
 # The pytest-benchmark version whose file format this writes (its files carry a "version" key).
 FORMAT_VERSION = "5.2.3"
@@ -157,7 +157,7 @@ def to_pytest_benchmark(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "benchmarks": benchmarks,
         "datetime": first.get("finished_at") or first.get("created_at"),
         "version": FORMAT_VERSION,
-        "mm27": {"exported_by": "pytest_mm27.interop", "skipped": skipped,
+        "mm27": {"exported_by": "pytest_mm27.report.benchmark_export", "skipped": skipped,
                  "run_ids": sorted({str(r.get("run_id")) for r in records})},
     }
 
@@ -187,10 +187,10 @@ def next_storage_path(storage: Path | str = ".benchmarks", name: str = "mm27") -
 __all__ = ["FORMAT_VERSION", "benchmark_stats", "export_pytest_benchmark", "machine_id", "next_storage_path",
            "to_pytest_benchmark"]
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m pytest_mm27.interop RECORD...
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m pytest_mm27.report.benchmark_export RECORD...
     import sys
 
-    from ..record import load_record
+    from ...record import load_record
 
     recs = [load_record(Path(p)) for p in sys.argv[1:]]
     out = next_storage_path()

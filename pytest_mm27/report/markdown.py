@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .compare import (
+from ..gate.compare import (
     IMPROVED,
     INVALID,
     METRICS,
@@ -26,8 +26,8 @@ from .compare import (
     sensitivity_lines,
     tolerance_text,
 )
-from .report import fmt_number, percentile_of, record_title
-from .verdict import verdict_label
+from .terminal import fmt_number, percentile_of, record_title
+from ..gate.verdict import verdict_label
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 _ICON = {REGRESSED: "❌ regressed", IMPROVED: "✅ improved", INVALID: "⚠️ invalid", MISSING: "➖ missing",

