@@ -32,9 +32,8 @@ from .host.hostfacts import collect_host_facts
 from .host.launcher import Launcher
 from .loadgen import LevelMetrics, run_level
 from .catalog.paths import catalog_dirs
-from .records.store import (
-    SCHEMA, SCHEMA_VERSION, RunRecord, add_secret, check_writable_dir, git_commit, new_run_id, now_iso,
-)
+from .records.store import SCHEMA, SCHEMA_VERSION, RunRecord, check_writable_dir, git_commit, new_run_id, now_iso
+from .secrets import add_secret
 from .sim.specs import fit_errors
 from .host.servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
 from .host.telemetry import GpuSampler

@@ -17,7 +17,7 @@ from pytest_mm27.engines import (
     select_engine,
     split_devices,
 )
-from pytest_mm27.engines.base import redact_argv, redact_env
+from pytest_mm27.secrets import redact_argv, redact_env
 from pytest_mm27.engines.vllm import cpu_bind, format_cores, parse_version
 from pytest_mm27.errors import ConfigError
 from pytest_mm27.catalog.topology import parse_topology

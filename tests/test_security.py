@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.records.store import REDACTED, add_secret, is_secret_name, known_secrets, redact, write_json_atomic
+from pytest_mm27.records.store import write_json_atomic
+from pytest_mm27.secrets import REDACTED, add_secret, is_secret_name, known_secrets, redact
 from pytest_mm27.testing import sim_topology
 
 REPO = Path(__file__).resolve().parents[1]

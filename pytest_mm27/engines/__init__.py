@@ -11,13 +11,10 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..catalog.topology import Topology
 from .base import (
-    REDACTED,
     Engine,
     EngineOptions,
     LaunchPlan,
     ServerSpec,
-    redact_argv,
-    redact_env,
     split_devices,
 )
 from .sim import SimEngine
@@ -25,7 +22,6 @@ from .vllm import VllmEngine
 
 __all__ = [
     "ENGINE_CHOICES",
-    "REDACTED",
     "Engine",
     "EngineOptions",
     "EngineUnavailable",
@@ -34,8 +30,6 @@ __all__ = [
     "SimEngine",
     "VllmEngine",
     "get_engine",
-    "redact_argv",
-    "redact_env",
     "select_engine",
     "split_devices",
 ]

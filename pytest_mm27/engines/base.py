@@ -16,52 +16,10 @@ from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from ..errors import ConfigError
+from ..secrets import REDACTED, redact_argv, redact_env
 from ..catalog.topology import Topology
 
-REDACTED = "***"
-
-# Env names containing one of these are masked in logs and run records.
-SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-# Flags whose value is masked. Suffix matching catches --hf-token and friends
-# without hiding paths such as --tokenizer or --ssl-keyfile.
-SECRET_FLAGS = frozenset({"--api-key", "--token", "--hf-token"})
-SECRET_FLAG_SUFFIXES = ("-key", "-token", "-secret", "-password")
-
 DeviceKind = Literal["gpu", "cpu"]
-
-
-def is_secret_env(name: str) -> bool:
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_ENV_MARKERS)
-
-
-def is_secret_flag(flag: str) -> bool:
-    return flag.startswith("--") and (flag in SECRET_FLAGS or flag.endswith(SECRET_FLAG_SUFFIXES))
-
-
-def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
-    """``argv`` with the values of secret flags replaced by ``***``."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        flag, eq, _value = arg.partition("=")
-        if is_secret_flag(flag):
-            if eq:
-                out.append(f"{flag}={REDACTED}")
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(arg)
-    return tuple(out)
-
-
-def redact_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if is_secret_env(k) else v) for k, v in env.items()}
 
 
 @dataclass(frozen=True, repr=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -18,73 +17,10 @@ from typing import Any
 
 from .. import __version__
 from ..errors import Mm27Error
+from ..secrets import redact
 
 SCHEMA = "pytest-mm27/run-record"
 SCHEMA_VERSION = 1
-
-# --- secrets ---------------------------------------------------------------
-#
-# Records, baselines and reports must never hold a secret. Two nets catch them:
-# values under keys (or env names) that look secret are masked, and any string
-# holding a known secret value (the API key, the value of a secret-looking
-# environment variable such as HF_TOKEN) has it masked wherever it appears,
-# e.g. inside an error message that quotes a command line.
-
-REDACTED = "***"
-# A name is secret when one of its words (split on _ - . and case changes) is one of these.
-_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential",
-                           "credentials", "auth", "authorization"})
-_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z])(?=[A-Z])")
-# Shorter values are too likely to occur by chance ("1", "true") to mask everywhere.
-MIN_SECRET_LEN = 6
-_known_secrets: set[str] = set()
-
-
-def is_secret_name(name: str) -> bool:
-    """``HF_TOKEN``, ``api_key``, ``--api-key``, ``x-auth-token`` yes; ``output_tokens``, ``keyfile``
-    and a bare ``key`` (a baseline's lookup key) no."""
-    words = [w.lower() for w in _WORD_SPLIT.split(name) if w]
-    if words == ["key"]:
-        return False
-    return any(word in _SECRET_WORDS for word in words)
-
-
-def add_secret(value: str | None) -> None:
-    """Remember a secret value (e.g. the --api-key given) so no record ever shows it."""
-    if value and len(value) >= MIN_SECRET_LEN:
-        _known_secrets.add(value)
-
-
-def known_secrets() -> list[str]:
-    """Registered secrets plus the values of secret-looking environment variables, longest first."""
-    found = set(_known_secrets)
-    for name, value in os.environ.items():
-        if value and len(value) >= MIN_SECRET_LEN and is_secret_name(name):
-            found.add(value)
-    return sorted(found, key=len, reverse=True)
-
-
-def redact(data: Any, secrets: list[str] | None = None) -> Any:
-    """A copy of ``data`` (JSON-like) with secrets masked (see the note above)."""
-    secrets = known_secrets() if secrets is None else secrets
-
-    def text(value: str) -> str:
-        for secret in secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
-
-    def walk(value: Any, secret_key: bool) -> Any:
-        if isinstance(value, str):
-            return REDACTED if secret_key and value else text(value)
-        if isinstance(value, Mapping):
-            return {k: walk(v, secret_key or (isinstance(k, str) and is_secret_name(k))) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v, secret_key) for v in value]
-        return value
-
-    return walk(data, False)
-
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
