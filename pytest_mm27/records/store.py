@@ -1,7 +1,9 @@
-"""Run records: one JSON file per (run, topology), rewritten after every level.
+"""Run records on disk: one JSON file per (run, topology), rewritten after every level.
 
 A crash at level 9 leaves levels 1-8 on disk: each write goes to a temporary
-file that is renamed over the record, so a reader never sees half a file.
+file that is renamed over the record, so a reader never sees half a file,
+and every write passes through ``secrets.redact``, the one place that
+masks secrets.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from .. import __version__
 from ..errors import Mm27Error
 from ..secrets import redact
 
-SCHEMA = "pytest-mm27/run-record"
-SCHEMA_VERSION = 1
+from .migrate import normalise
+from .model import SCHEMA, SCHEMA_VERSION, LevelResult, RunError, RunRecord
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -76,62 +78,56 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         raise
 
 
-class RunRecord:
-    """The record of one topology's sweep in one run, kept on disk as it grows."""
+class RunFile:
+    """One topology's record in one run, kept on disk as it grows (``record`` is the typed record)."""
 
-    def __init__(self, path: Path, header: Mapping[str, Any]):
+    def __init__(self, path: Path, record: RunRecord):
         self.path = path
-        self.data: dict[str, Any] = {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "harness_version": __version__,
-            "created_at": now_iso(),
-            "finished_at": None,
-            "status": "running",
-            **header,
-            "levels": [],
-            "errors": [],
-        }
+        self.record = record
+        record.harness_version = record.harness_version or __version__
+        record.created_at = record.created_at or now_iso()
 
     def save(self) -> None:
         try:
-            write_json_atomic(self.path, self.data)
+            write_json_atomic(self.path, self.record.to_dict())
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(self.path) else ""
             raise Mm27Error(f"cannot write run record {self.path}: {exc.strerror or exc}{where}") from exc
 
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.save()
-
-    def add_level(self, level: Mapping[str, Any]) -> None:
+    def add_level(self, level: LevelResult) -> None:
         """Add (or replace, for a re-run level) one level's result and save."""
-        levels = [lv for lv in self.data["levels"] if lv["concurrency"] != level["concurrency"]]
-        levels.append(dict(level))
-        levels.sort(key=lambda lv: lv["concurrency"])
-        self.data["levels"] = levels
+        self.record.put_level(level)
         self.save()
 
     def add_error(self, message: str, *, concurrency: int | None = None) -> None:
-        self.data["errors"].append({"at": now_iso(), "concurrency": concurrency, "message": message})
+        self.record.errors.append(RunError(message, now_iso(), concurrency))
         self.save()
 
     def finish(self, status: str) -> None:
-        self.data["status"] = status
-        self.data["finished_at"] = now_iso()
+        self.record.status = status
+        self.record.finished_at = now_iso()
         self.save()
 
 
-def load_record(path: Path) -> dict[str, Any]:
+def read_json_record(path: Path, what: str = "run record") -> dict[str, Any]:
+    """The JSON of a record file, checked to be one and brought to this schema version."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise Mm27Error(f"cannot read run record {path}: {exc.strerror or exc}") from exc
+        raise Mm27Error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     except json.JSONDecodeError as exc:
         raise Mm27Error(f"{path}: not valid JSON (corrupt or truncated record?): {exc}") from exc
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise Mm27Error(f"{path}: not a pytest-mm27 run record (field 'schema')")
+    return check_version(data, str(path))
+
+
+def check_version(data: dict[str, Any], source: str) -> dict[str, Any]:
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise Mm27Error(f"{path}: field 'schema_version' is {data.get('schema_version')!r}; "
+        raise Mm27Error(f"{source}: field 'schema_version' is {data.get('schema_version')!r}; "
                         f"this harness reads version {SCHEMA_VERSION}")
-    return data
+    return normalise(data)
+
+
+def load_record(path: Path) -> RunRecord:
+    return RunRecord.from_dict(read_json_record(path))
