@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Mm27Error
 from .compare import record_noise
-from ..records.store import SCHEMA, SCHEMA_VERSION, now_iso, write_json_atomic
+from ..records.migrate import normalise
+from ..records.model import SCHEMA, SCHEMA_VERSION, RunRecord
+from ..records.store import now_iso, write_json_atomic
 
 SIM_PREFIX = "sim-"
 AUTO = "auto"
@@ -78,8 +80,10 @@ def _get_str(record: Mapping[str, Any], dotted: str, source: str) -> str:
     return value
 
 
-def baseline_key(record: Mapping[str, Any], source: str = "run record") -> BaselineKey:
+def baseline_key(record: RunRecord | Mapping[str, Any], source: str = "run record") -> BaselineKey:
     """The key a record is filed under. ``source`` names the record in errors."""
+    if isinstance(record, RunRecord):
+        record = record.to_dict()
     profile = _get_str(record, "hardware.profile", source)
     simulated = bool((record.get("hardware") or {}).get("simulated"))
     if simulated and not profile.startswith(SIM_PREFIX):
@@ -111,14 +115,16 @@ def _measured_levels(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [lv for lv in record.get("levels") or [] if isinstance(lv, Mapping) and lv.get("metrics")]
 
 
-def save_baseline(record: Mapping[str, Any], root: Path, *, name: str | None = None, force: bool = False,
-                  source_path: Path | None = None) -> Path:
+def save_baseline(record: RunRecord | Mapping[str, Any], root: Path, *, name: str | None = None,
+                  force: bool = False, source_path: Path | None = None) -> Path:
     """Promote ``record`` to a baseline; returns the file written.
 
     Raises ``BaselineExistsError`` when the file exists and ``force`` is false,
     and ``BaselineError`` for a record with no measured level (nothing to
     compare against later).
     """
+    if isinstance(record, RunRecord):
+        record = record.to_dict()
     source = str(source_path) if source_path else "run record"
     key = baseline_key(record, source)
     if not _measured_levels(record):
@@ -209,7 +215,7 @@ def load_baseline(path: Path) -> dict[str, Any]:
                 raise BaselineError(f"must be a number, got {tok_s!r}", source=src, field=field)
     if not _measured_levels(data):
         raise BaselineError("no level was measured in this baseline", source=src, field="levels")
-    return data
+    return normalise(data)
 
 
 def check_match(baseline: Mapping[str, Any], record: Mapping[str, Any], baseline_source: str = "baseline") -> None:
@@ -232,12 +238,19 @@ def find_baseline(root: Path, record: Mapping[str, Any], name: str | None = None
 
 @dataclass
 class BaselineMatch:
-    """A run record and the baseline it is compared with (``baseline`` None: no baseline found)."""
+    """A run record and the baseline it is compared with (``baseline`` None: no baseline found).
+
+    ``baseline`` is the file's JSON as loaded; ``reference`` the typed record of it.
+    """
 
     record: Mapping[str, Any]
     baseline: dict[str, Any] | None
     path: Path | None
     note: str = ""
+
+    @property
+    def reference(self) -> RunRecord | None:
+        return RunRecord.from_dict(self.baseline) if self.baseline is not None else None
 
 
 def resolve_baselines(spec: str | Path, root: Path, records: Sequence[Mapping[str, Any]]) -> list[BaselineMatch]:
@@ -284,14 +297,8 @@ def _auto(root: Path, record: Mapping[str, Any]) -> BaselineMatch:
     return BaselineMatch(record, load_baseline(path), path)
 
 
-def list_baselines(root: Path) -> Iterable[Path]:
-    """Every baseline file under ``root``, sorted."""
-    root = Path(root)
-    return sorted(p for p in root.glob("*/*.json") if p.is_file()) if root.is_dir() else []
-
-
 __all__ = [
     "AUTO", "SIM_PREFIX", "BaselineError", "BaselineExistsError", "BaselineKey", "BaselineMatch",
     "BaselineMismatchError", "Mm27Error", "baseline_key", "baseline_path", "check_match", "check_name",
-    "find_baseline", "list_baselines", "load_baseline", "resolve_baselines", "save_baseline",
+    "find_baseline", "load_baseline", "resolve_baselines", "save_baseline",
 ]
