@@ -42,7 +42,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..gate.compare import invalid_reason, level_trials
+from ..gate.compare import invalid_reason
+from ..records.model import RunRecord, as_record
 from ..records.store import write_json_atomic
 
 # The pytest-benchmark version whose file format this writes (its files carry a "version" key).
@@ -88,9 +89,8 @@ def benchmark_stats(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _machine_info(record: Mapping[str, Any]) -> dict[str, Any]:
-    host = record.get("host") or {}
-    hw = record.get("hardware") or {}
+def _machine_info(record: RunRecord) -> dict[str, Any]:
+    host = record.host
     return {
         "node": host.get("hostname") or platform.node(),
         "processor": platform.processor(),
@@ -103,33 +103,32 @@ def _machine_info(record: Mapping[str, Any]) -> dict[str, Any]:
         "release": platform.release(),
         "system": platform.system(),
         "cpu": {"count": host.get("cpus") or os.cpu_count()},
-        "mm27_hardware": {"profile": hw.get("profile"), "simulated": bool(hw.get("simulated")),
-                          "gpus": hw.get("gpus") or []},
+        "mm27_hardware": {"profile": record.hardware.profile, "simulated": record.hardware.simulated,
+                          "gpus": record.hardware.gpus},
     }
 
 
-def _commit_info(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": record.get("git_commit") or "unversioned", "time": record.get("created_at"),
-            "author_time": record.get("created_at"), "dirty": False, "project": "pytest-mm27",
+def _commit_info(record: RunRecord) -> dict[str, Any]:
+    return {"id": record.git_commit or "unversioned", "time": record.created_at,
+            "author_time": record.created_at, "dirty": False, "project": "pytest-mm27",
             "branch": "(unknown)"}
 
 
-def to_pytest_benchmark(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def to_pytest_benchmark(records: Sequence[RunRecord | Mapping[str, Any]]) -> dict[str, Any]:
     """The pytest-benchmark JSON document for ``records`` (see the module docstring)."""
     if not records:
         raise ValueError("no run records to export")
+    records = [as_record(r) for r in records]
     benchmarks: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for rec in records:
-        topo = (rec.get("topology") or {}).get("name") or "?"
-        workload = (rec.get("workload") or {}).get("name") or "?"
-        hw = rec.get("hardware") or {}
-        profile = ("sim-" if hw.get("simulated") else "") + str(hw.get("profile"))
-        engine = rec.get("engine") or {}
-        for level in rec.get("levels") or []:
-            c = level["concurrency"]
-            reason = invalid_reason(level, float((rec.get("options") or {}).get("max_error_rate") or 0.0))
-            tok_s = [t.get("output_tok_s") for t in level_trials(level)]
+        topo = rec.topology_name or "?"
+        workload = rec.workload_name or "?"
+        profile = ("sim-" if rec.hardware.simulated else "") + str(rec.hardware.profile)
+        for level in rec.levels:
+            c = level.concurrency
+            reason = invalid_reason(level, float(rec.options.get("max_error_rate") or 0.0))
+            tok_s = [t.output_tok_s for t in level.trials]
             if reason is None and not all(isinstance(v, (int, float)) and v > 0 for v in tok_s):
                 reason = "no output tokens"
             if reason is not None:
@@ -143,8 +142,8 @@ def to_pytest_benchmark(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "param": f"{topo}-c{c}",
                 "extra_info": {
                     "unit": "seconds per output token = 1 / output tok/s of one trial",
-                    "output_tok_s": tok_s, "engine": engine.get("name"), "engine_version": engine.get("version"),
-                    "run_id": rec.get("run_id"), "floor_output_tok_s": level.get("floor"),
+                    "output_tok_s": tok_s, "engine": rec.engine.name, "engine_version": rec.engine.version,
+                    "run_id": rec.run_id, "floor_output_tok_s": level.floor.tok_s if level.floor else None,
                 },
                 "options": {"disable_gc": False, "timer": "pytest-mm27 load generator (monotonic clock)",
                             "min_rounds": len(tok_s), "max_time": None, "min_time": None, "warmup": False},
@@ -155,14 +154,14 @@ def to_pytest_benchmark(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "machine_info": _machine_info(first),
         "commit_info": _commit_info(first),
         "benchmarks": benchmarks,
-        "datetime": first.get("finished_at") or first.get("created_at"),
+        "datetime": first.finished_at or first.created_at,
         "version": FORMAT_VERSION,
         "mm27": {"exported_by": "pytest_mm27.report.benchmark_export", "skipped": skipped,
-                 "run_ids": sorted({str(r.get("run_id")) for r in records})},
+                 "run_ids": sorted({str(r.run_id) for r in records})},
     }
 
 
-def export_pytest_benchmark(records: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
+def export_pytest_benchmark(records: Sequence[RunRecord | Mapping[str, Any]], path: Path | str) -> Path:
     """Write ``records`` as one pytest-benchmark JSON file at ``path`` (atomically); returns it."""
     target = Path(path)
     write_json_atomic(target, to_pytest_benchmark(records))
@@ -190,7 +189,7 @@ __all__ = ["FORMAT_VERSION", "benchmark_stats", "export_pytest_benchmark", "mach
 if __name__ == "__main__":  # pragma: no cover - convenience: python -m pytest_mm27.report.benchmark_export RECORD...
     import sys
 
-    from ...record import load_record
+    from ..records.store import load_record
 
     recs = [load_record(Path(p)) for p in sys.argv[1:]]
     out = next_storage_path()

@@ -14,20 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..gate.compare import (
-    IMPROVED,
-    INVALID,
-    METRICS,
-    MISSING,
-    REGRESSED,
-    MetricComparison,
-    RecordComparison,
-    level_trials,
-    sensitivity_lines,
-    tolerance_text,
+from ..gate.specs import METRICS
+from ..records.model import (
+    IMPROVED, INVALID, MISSING, REGRESSED, MetricComparison, RecordComparison, RunRecord, as_record,
 )
-from .terminal import fmt_number, percentile_of, record_title
-from ..gate.verdict import verdict_label
+from .terminal import fmt_number, percentile_of, record_title, sensitivity_lines, tolerance_text, verdict_label
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 _ICON = {REGRESSED: "❌ regressed", IMPROVED: "✅ improved", INVALID: "⚠️ invalid", MISSING: "➖ missing",
@@ -63,13 +54,13 @@ HEADER = ("Concurrency", "Output tok/s", "Baseline", "Δ", "TTFT p99", "Baseline
           "Δ", "Errors", "Floor", "Verdict", "Gate")
 
 
-def record_section(record: Mapping[str, Any], comparison: RecordComparison | None = None, *,
+def record_section(record: RunRecord | Mapping[str, Any], comparison: RecordComparison | None = None, *,
                    note: str | None = None, level: int = 2) -> list[str]:
     """Markdown lines for one topology: heading, baseline line, table, messages."""
-    lines = [f"{'#' * level} {_cell(record.get('topology', {}).get('name', '?'))}", "", record_title(record), ""]
-    status = record.get("status")
-    if status and status != "complete":
-        lines += [f"Run status: **{status}**", ""]
+    record = as_record(record)
+    lines = [f"{'#' * level} {_cell(record.topology_name or '?')}", "", record_title(record), ""]
+    if record.status and record.status != "complete":
+        lines += [f"Run status: **{record.status}**", ""]
     if comparison is not None:
         info = comparison.baseline_info
         engine = f"{info.get('engine') or '?'} {info.get('engine_version') or ''}".rstrip()
@@ -87,33 +78,31 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" if i < 10 else "---" for i in
                                                                range(len(HEADER))) + "|"]
     by_c = {lv.concurrency: lv for lv in comparison.levels} if comparison else {}
-    for entry in record.get("levels") or []:
-        c = entry["concurrency"]
-        m = entry.get("metrics") or {}
-        lvc = by_c.get(c)
+    for entry in record.levels:
+        m = entry.metrics
+        lvc = by_c.get(entry.concurrency)
         tp, ttft, tpot, err = ((lvc.get(n) if lvc else None) for n in ("throughput", "ttft_p99", "tpot_p50",
                                                                         "error_rate"))
-        trials = level_trials(entry)
         # With a comparison the values are geometric means over trials (the numbers that were judged).
-        now_tp = tp.now if tp and tp.now is not None else m.get("output_tok_s")
+        now_tp = tp.now if tp and tp.now is not None else (m.output_tok_s if m else None)
         now_ttft = ttft.now if ttft and ttft.now is not None else percentile_of(m, "ttft_ms", "p99")
         now_tpot = tpot.now if tpot and tpot.now is not None else percentile_of(m, "tpot_ms", "p50")
-        errors = f"{m.get('failed', 0)}/{m.get('requests', 0)}" if m else "–"
-        if len(trials) > 1:
-            failed = sum(int(t.get("failed") or 0) for t in trials)
-            errors = f"{failed}/{sum(int(t.get('requests') or 0) for t in trials)}"
+        errors = f"{m.failed}/{m.requests}" if m else "–"
+        if len(entry.trials) > 1:
+            errors = f"{sum(t.failed for t in entry.trials)}/{sum(t.requests for t in entry.trials)}"
         if err is not None and err.change:
             errors += f" ({_change(err)})"
-        verdict = verdict_label(entry, empty="–")
         gate = _ICON.get(lvc.status, lvc.status) if lvc else "–"
         lines.append("| " + " | ".join(_cell(x) for x in (
-            c, _fmt("throughput", now_tp), _fmt("throughput", tp.baseline if tp else None), _change(tp),
-            _fmt("ttft_p99", now_ttft), _fmt("ttft_p99", ttft.baseline if ttft else None), _change(ttft),
-            _fmt("tpot_p50", now_tpot), _fmt("tpot_p50", tpot.baseline if tpot else None), _change(tpot),
-            errors, _num(entry.get("floor")), verdict, gate)) + " |")
+            entry.concurrency, _fmt("throughput", now_tp), _fmt("throughput", tp.baseline if tp else None),
+            _change(tp), _fmt("ttft_p99", now_ttft), _fmt("ttft_p99", ttft.baseline if ttft else None),
+            _change(ttft), _fmt("tpot_p50", now_tpot), _fmt("tpot_p50", tpot.baseline if tpot else None),
+            _change(tpot), errors, _num(entry.floor.tok_s if entry.floor else None),
+            verdict_label(entry, empty="–"), gate)) + " |")
     if comparison is not None:
+        measured = {e.concurrency for e in record.levels}
         for lv in comparison.levels:
-            if lv.concurrency not in {e["concurrency"] for e in record.get("levels") or []}:
+            if lv.concurrency not in measured:
                 lines.append(f"| {lv.concurrency} | – | {_fmt('throughput', (lv.get('throughput') or _Nil).baseline)}"
                              f" | – | – | – | – | – | – | – | – | – | – | {_ICON[lv.status]} |")
     lines.append("")
@@ -124,13 +113,13 @@ def record_section(record: Mapping[str, Any], comparison: RecordComparison | Non
         notes += sensitivity_lines(comparison)
         if messages or notes:
             lines += [f"- {_cell(x)}" for x in [*messages, *notes]] + [""]
-        n_trials = max((len(level_trials(e)) for e in record.get("levels") or []), default=0)
+        n_trials = max((len(e.trials) for e in record.levels), default=0)
         lines += [f"<sub>Δ vs baseline; values are geometric means of {n_trials} trial(s). A change is a regression "
                   f"only past its tolerance and outside the {comparison.confidence:.0%} noise interval. "
                   f"Tolerances: {tolerance_text(comparison.tolerances)}. {comparison.noise_source}.</sub>", ""]
-    for err in record.get("errors") or []:
-        where = f" at c={err['concurrency']}" if err.get("concurrency") else ""
-        lines.append(f"- error{where}: {_cell(str(err.get('message', '')).splitlines()[0] if err.get('message') else '')}")
+    for error in record.errors:
+        where = f" at c={error.concurrency}" if error.concurrency else ""
+        lines.append(f"- error{where}: {_cell(error.message.splitlines()[0] if error.message else '')}")
     return lines
 
 
@@ -138,19 +127,20 @@ class _Nil:
     baseline = None
 
 
-def markdown_report(records: Sequence[Mapping[str, Any]],
+def markdown_report(records: Sequence[RunRecord | Mapping[str, Any]],
                     comparisons: Mapping[str, RecordComparison] | Sequence[RecordComparison | None] | None = None,
                     *, title: str = "pytest-mm27 results", notes: Mapping[str, str] | None = None) -> str:
     """The whole report. ``comparisons`` by topology name, or a list aligned with ``records``.
 
     ``notes`` (by topology) explain a missing comparison, e.g. "no baseline ...".
     """
+    records = [as_record(r) for r in records]
     if comparisons is None:
         by_topo: dict[str, RecordComparison] = {}
     elif isinstance(comparisons, Mapping):
         by_topo = dict(comparisons)
     else:
-        by_topo = {rec.get("topology", {}).get("name"): c for rec, c in zip(records, comparisons) if c is not None}
+        by_topo = {rec.topology_name: c for rec, c in zip(records, comparisons) if c is not None}
     statuses = [c.status for c in by_topo.values()]
     regressed = sum(1 for c in by_topo.values() if c.regressed)
     summary = (f"**{regressed} of {len(by_topo)} compared topologies regressed**" if regressed
@@ -158,8 +148,7 @@ def markdown_report(records: Sequence[Mapping[str, Any]],
                if statuses else "No baseline comparison")
     lines = [f"# {title}", "", summary + f"; {len(records)} run record(s).", ""]
     for rec in records:
-        topo = rec.get("topology", {}).get("name")
-        lines += record_section(rec, by_topo.get(topo), note=(notes or {}).get(topo))
+        lines += record_section(rec, by_topo.get(rec.topology_name), note=(notes or {}).get(rec.topology_name))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..gate.compare import IMPROVED, REGRESSED, RecordComparison, level_trials
+from ..records.model import IMPROVED, REGRESSED, RecordComparison, RunRecord, Trial, as_record
 from ..errors import Mm27Error
 from .terminal import record_title
 
@@ -44,27 +44,26 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _series(record: Mapping[str, Any], get: Any) -> tuple[list[int], list[float], list[float], list[float]]:
+def _series(record: RunRecord, get: Any) -> tuple[list[int], list[float], list[float], list[float]]:
     """Per measured level: concurrency, mean value, min and max over trials."""
     cs, mean, lo, hi = [], [], [], []
-    for level in record.get("levels") or []:
-        values = [v for v in (get(t) for t in level_trials(level)) if isinstance(v, (int, float)) and v > 0]
+    for level in record.levels:
+        values = [v for v in (get(t) for t in level.trials) if isinstance(v, (int, float)) and v > 0]
         if not values:
             continue
-        cs.append(level["concurrency"])
+        cs.append(level.concurrency)
         mean.append(sum(values) / len(values))
         lo.append(min(values))
         hi.append(max(values))
     return cs, mean, lo, hi
 
 
-def _tok_s(t: Mapping[str, Any]) -> Any:
-    return t.get("output_tok_s")
+def _tok_s(t: Trial) -> Any:
+    return t.output_tok_s
 
 
-def _ttft_p99(t: Mapping[str, Any]) -> Any:
-    block = t.get("ttft_ms") or {}
-    return block.get("p99") if isinstance(block, Mapping) else None
+def _ttft_p99(t: Trial) -> Any:
+    return t.ttft_ms.p99
 
 
 def _safe(name: str) -> str:
@@ -82,12 +81,15 @@ def _wrap(title: str, width: int = 95) -> str:
     return "\n".join([*parts, line])
 
 
-def plot_record(record: Mapping[str, Any], out_dir: Path | str, *, baseline: Mapping[str, Any] | None = None,
+def plot_record(record: RunRecord | Mapping[str, Any], out_dir: Path | str, *,
+                baseline: RunRecord | Mapping[str, Any] | None = None,
                 comparison: RecordComparison | None = None) -> list[Path]:
     """Write ``<topology>-throughput.png`` and ``<topology>-ttft-vs-throughput.png``; returns the paths."""
+    record = as_record(record)
+    baseline = as_record(baseline) if baseline is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    topo = _safe((record.get("topology") or {}).get("name") or "topology")
+    topo = _safe(record.topology_name or "topology")
     title = _wrap(record_title(record))
     cs, tp, tp_lo, tp_hi = _series(record, _tok_s)
     paths = []
@@ -102,8 +104,7 @@ def plot_record(record: Mapping[str, Any], out_dir: Path | str, *, baseline: Map
         yerr = [[m - lo for m, lo in zip(tp, tp_lo)], [hi - m for m, hi in zip(tp, tp_hi)]]
         ax.errorbar(cs, tp, yerr=yerr, color="tab:blue", marker="o", markersize=5, capsize=3, linewidth=2,
                     label="this run (mean; bars: min-max of trials)")
-    floors = [(lv["concurrency"], lv["floor"]) for lv in record.get("levels") or []
-              if isinstance(lv.get("floor"), (int, float))]
+    floors = [(lv.concurrency, lv.floor.tok_s) for lv in record.levels if lv.floor]
     if floors:
         ax.scatter([c for c, _ in floors], [f for _, f in floors], marker="_", s=400, linewidths=2.5,
                    color="tab:red", zorder=5, label="floor")
@@ -173,13 +174,13 @@ def _no_ticks() -> Any:
     return NullLocator()
 
 
-def plot_records(records: Sequence[Mapping[str, Any]], out_dir: Path | str, *,
+def plot_records(records: Sequence[RunRecord | Mapping[str, Any]], out_dir: Path | str, *,
                  baselines: Mapping[str, Mapping[str, Any]] | None = None,
                  comparisons: Mapping[str, RecordComparison] | None = None) -> list[Path]:
     """``plot_record`` for each record; baselines and comparisons by topology name."""
     paths: list[Path] = []
     for rec in records:
-        topo = (rec.get("topology") or {}).get("name")
+        topo = as_record(rec).topology_name
         paths += plot_record(rec, out_dir, baseline=(baselines or {}).get(topo),
                              comparison=(comparisons or {}).get(topo))
     return paths
