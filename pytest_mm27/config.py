@@ -16,10 +16,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .gate.compare import parse_tolerances
+from .engines import ENGINE_CHOICES
+from .gate.specs import parse_tolerances
 from .errors import ConfigError
 
-ENGINE_CHOICES = ("auto", "vllm", "sim", "endpoint")
 # A baseline carries the trial-to-trial noise its later comparisons stand on;
 # three trials are the fewest that measure it. --trials overrides.
 BASELINE_TRIALS = 3
@@ -75,14 +75,19 @@ def parse_endpoint(text: str) -> str:
     return url
 
 
-def parse_error_rate(text: str) -> float:
+def parse_fraction(text: str, what: str = "value") -> float:
+    """``0.05`` or ``5%``: a share between 0 and 1."""
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"error rate must be a number like 0.01 or 1%, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{what} must be a number like 0.01 or 1%, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"error rate must be between 0 and 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be between 0 and 1, got {text!r}")
     return value
+
+
+def parse_error_rate(text: str) -> float:
+    return parse_fraction(text, "error rate")
 
 
 def parse_sim_fault(text: str) -> tuple[str, str]:

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .gate.baseline import BaselineMatch, load_baseline, save_baseline
-from .report.benchmark_export import export_pytest_benchmark
-from .gate.compare import RecordComparison, compare_records, comparison_lines, noise_text
 from .config import Mm27Config
 from .errors import Mm27Error
+from .gate.baseline import BaselineMatch, load_baseline, save_baseline
+from .gate.compare import compare_records
+from .gate.noise import noise_text
+from .records.model import RecordComparison, RunRecord
+from .records.store import load_record
+from .report.benchmark_export import export_pytest_benchmark
 from .report.markdown import markdown_report, write_markdown
 from .report.plots import PlotsUnavailable, plot_records
-from .records.store import load_record
-from .report.terminal import record_table
+from .report.terminal import comparison_lines, record_table
 
 
 @dataclass
 class RunSummary:
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[RunRecord] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     comparisons: dict[str, RecordComparison] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)         # terminal summary
@@ -34,7 +35,7 @@ class RunSummary:
         return bool(self.failures)
 
 
-def load_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[Path], list[str]]:
+def load_run(run_dir: Path) -> tuple[list[RunRecord], list[Path], list[str]]:
     records, paths, problems = [], [], []
     for path in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
         try:
@@ -50,10 +51,10 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatc
     summary.records, summary.paths, summary.failures = load_run(run_dir)
     notes: dict[str, str] = {}
     for record, path in zip(summary.records, summary.paths):
-        name = record["topology"]["name"]
+        name = record.topology_name
         match = baselines.get(name)
-        if match is not None and match.baseline is not None:
-            comparison = compare_records(match.baseline, record, cfg.tolerances or None,
+        if match is not None and match.reference is not None:
+            comparison = compare_records(match.reference, record, cfg.tolerances or None,
                                          max_error_rate=cfg.max_error_rate, baseline_path=match.path)
             summary.comparisons[name] = comparison
             summary.lines += comparison_lines(comparison, record)
@@ -69,12 +70,12 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatc
 
     if cfg.save_baseline:
         for record, path in zip(summary.records, summary.paths):
-            if record.get("status") != "complete":
-                summary.failures.append(f"not saving {path} as a baseline: run status is {record.get('status')!r}")
+            if record.status != "complete":
+                summary.failures.append(f"not saving {path} as a baseline: run status is {record.status!r}")
                 continue
             name = cfg.save_baseline if isinstance(cfg.save_baseline, str) else None
             if name and len(summary.records) > 1:
-                name = f"{record['topology']['name']}--{name}"
+                name = f"{record.topology_name}--{name}"
             try:
                 saved = save_baseline(record, cfg.baselines_dir, name=name, force=cfg.force, source_path=path)
                 summary.lines.append(f"baseline saved: {saved}")
@@ -95,7 +96,7 @@ def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[str, str],
             for written in write_markdown(cfg.report_md, text):
                 summary.lines.append(f"report: {written}")
         if cfg.plots_dir is not None:
-            base = {name: m.baseline for name, m in baselines.items() if m.baseline is not None}
+            base = {name: m.reference for name, m in baselines.items() if m.reference is not None}
             for written in plot_records(summary.records, cfg.plots_dir, baselines=base,
                                         comparisons=summary.comparisons):
                 summary.lines.append(f"plot: {written}")

@@ -1,9 +1,9 @@
-"""Engines turn a topology into a launch plan: ``vllm`` (real) or ``sim``.
+"""Engines turn a topology into a launch plan: ``vllm`` (real), ``sim``, or ``endpoint``.
 
-:func:`select_engine` resolves ``--engine auto|vllm|sim`` once, before
-anything boots, and returns the human reason shown on the first line of the
-run (``"sim (no vLLM/GPUs found: ...)"``). The ``endpoint`` engine (servers
-given by URL) is handled by the plugin, not here.
+:func:`select_engine` resolves ``--engine auto|vllm|sim|endpoint`` once,
+before anything boots, and returns the human reason shown on the first line
+of the run (``"sim (no vLLM/GPUs found: ...)"``). ``endpoint`` runs against
+servers given by URL: its plan starts no process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .base import (
     ServerSpec,
     split_devices,
 )
+from .endpoint import EndpointEngine
 from .sim import SimEngine
 from .vllm import VllmEngine
 
@@ -24,6 +25,7 @@ __all__ = [
     "ENGINE_CHOICES",
     "Engine",
     "EngineOptions",
+    "EndpointEngine",
     "EngineUnavailable",
     "LaunchPlan",
     "ServerSpec",
@@ -34,15 +36,15 @@ __all__ = [
     "split_devices",
 ]
 
-ENGINE_CHOICES = ("auto", "vllm", "sim")
+ENGINES: dict[str, type] = {"vllm": VllmEngine, "sim": SimEngine, "endpoint": EndpointEngine}
+ENGINE_CHOICES = ("auto", *ENGINES)
 
 
 def get_engine(name: str) -> Engine:
-    if name == "vllm":
-        return VllmEngine()
-    if name == "sim":
-        return SimEngine()
-    raise ConfigError(f"unknown engine {name!r} (known: vllm, sim)")
+    try:
+        return ENGINES[name]()
+    except KeyError:
+        raise ConfigError(f"unknown engine {name!r} (known: {', '.join(ENGINES)})") from None
 
 
 class EngineUnavailable(ConfigError):
@@ -77,7 +79,13 @@ def select_engine(requested: str, topology: Topology, options: EngineOptions) ->
     if requested not in ENGINE_CHOICES:
         raise ConfigError(f"unknown engine {requested!r} (choose one of {', '.join(ENGINE_CHOICES)})",
                           field="--engine")
-    vllm, sim = VllmEngine(), SimEngine()
+    if requested == "endpoint":
+        endpoint = get_engine("endpoint")
+        ok, why = endpoint.available(options, topology)
+        if not ok:
+            raise ConfigError(f"--engine endpoint: {why}", field="--endpoint")
+        return endpoint, why
+    vllm, sim = get_engine("vllm"), get_engine("sim")
     if requested == "sim":
         _refuse_excluded("sim", topology)
         ok, why = sim.available(options, topology)

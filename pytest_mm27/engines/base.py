@@ -134,6 +134,8 @@ class EngineOptions:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # Overrides topology.startup_timeout_s when set.
     startup_timeout_s: float | None = None
+    # The endpoint engine's servers (already running; nothing is booted).
+    endpoints: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (f"EngineOptions(host={self.host!r}, api_key={REDACTED if self.api_key else None!r}, "
@@ -143,12 +145,20 @@ class EngineOptions:
 
 
 class Engine(Protocol):
+    """What the harness asks of an engine, in the order it asks: can it run here, what it
+    needs (devices, a generated model), its launch plan, its version, and how far its
+    numbers are known to be off (the simulator's fit error; None for real servers)."""
+
     name: str
 
-    def plan(self, topology: Topology, options: EngineOptions, ports: Sequence[int],
-             devices: Sequence[tuple[int, ...]]) -> LaunchPlan: ...
+    def plan(self, topology: Topology, options: EngineOptions, ports: Sequence[int] = (),
+             devices: Sequence[tuple[int, ...]] = ()) -> LaunchPlan:
+        """``ports``: fixed ports (tests; servers that must sit on known ports); () lets the launcher pick."""
+        ...
 
-    def version(self, options: EngineOptions) -> str: ...
+    def version(self, options: EngineOptions) -> str | None: ...
+
+    def known_error(self, topology: Topology, concurrency: int) -> float | None: ...
 
     def available(self, options: EngineOptions, topology: Topology | None = None) -> tuple[bool, str]: ...
 

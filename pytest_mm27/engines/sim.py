@@ -7,6 +7,7 @@ owns no GPUs; replicas and native DP map to processes exactly as for vLLM.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -37,6 +38,13 @@ SIM_STARTUP_CAP_S = 120.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
+@functools.cache
+def _fit_errors() -> dict[tuple[str, int], float]:
+    from ..sim.specs import fit_errors
+
+    return fit_errors()
+
+
 class SimEngine:
     name = "sim"
 
@@ -63,6 +71,10 @@ class SimEngine:
 
     def devices_needed(self, topology: Topology) -> int:
         return 0
+
+    def known_error(self, topology: Topology, concurrency: int) -> float | None:
+        """The simulator's calibration error at this published point (predicted / published - 1)."""
+        return _fit_errors().get((topology.name, concurrency))
 
     def plan(self, topology: Topology, options: EngineOptions, ports: Sequence[int] = (),
              devices: Sequence[tuple[int, ...]] = ()) -> LaunchPlan:

@@ -238,6 +238,9 @@ class VllmEngine:
     def devices_needed(self, topology: Topology) -> int:
         return topology.gpus
 
+    def known_error(self, topology: Topology, concurrency: int) -> float | None:
+        return None     # real servers: the numbers are the measurement
+
     def plan(self, topology: Topology, options: EngineOptions, ports: Sequence[int] = (),
              devices: Sequence[tuple[int, ...]] = ()) -> LaunchPlan:
         if "vllm" not in topology.engines:

@@ -18,12 +18,12 @@ from ..config import (
     SIM_FAULTS, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
     parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
 )
-from ..gate.compare import parse_tolerances
+from ..gate.specs import parse_tolerances
 from ..errors import Mm27Error
 from ..harness import Harness
 from ..finish import RunSummary, finish_run
 from ..catalog.topology import Topology
-from ..gate.verdict import ERROR, FAIL, INVALID
+from ..records.model import ERROR, FAIL, INVALID, LevelResult, Trial
 
 HARNESS_KEY = pytest.StashKey[Harness]()
 ERROR_KEY = pytest.StashKey[str]()
@@ -230,9 +230,10 @@ class Level:
         self.concurrency = case.concurrency
         self.workload = harness.workloads[case.topology.name]
         self.floor = harness.floor_value(case.topology, case.concurrency)
-        self.entry: dict[str, Any] | None = None
+        self.entry: dict[str, Any] | None = None       # the level as recorded (JSON form)
+        self.result: LevelResult | None = None
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self) -> Trial | None:
         """Measure the level (booting the topology on first use) and judge it.
 
         Fails the test when errors pass the limit or throughput is below the
@@ -240,17 +241,17 @@ class Level:
         errors when the server could not be booted or died.
         """
         try:
-            entry, verdict = self._harness.measure(self.topology, self.concurrency)
+            level = self._harness.measure(self.topology, self.concurrency)
         except Mm27Error as exc:      # e.g. the run record cannot be written
             raise pytest.fail.Exception(f"could not measure: {exc}", pytrace=False) from None
-        self.entry = entry
+        self.result, self.entry, verdict = level, level.to_dict(), level.verdict
         if verdict.status == ERROR:
             pytest.fail("could not measure: " + verdict.message, pytrace=False)
         if verdict.status == INVALID:
             pytest.skip("inconclusive: " + verdict.message.replace("\n", "; "))
         if verdict.status == FAIL:
             pytest.fail(verdict.message, pytrace=False)
-        return entry["metrics"]
+        return level.metrics
 
 
 @pytest.fixture
