@@ -31,7 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..gate.compare import DEFAULT_CONFIDENCE, DEFAULT_TOLERANCES, REGRESSED, compare_records
+from ..gate.compare import DEFAULT_CONFIDENCE, compare_records
+from ..gate.specs import DEFAULT_TOLERANCES
+from ..records.model import REGRESSED
 from .synthetic import DEFAULT_LEVELS, make_record
 
 GATED = ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")

@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..gate.compare import REGRESSED, compare_records, comparison_lines
+from ..gate.compare import compare_records
+from ..records.model import REGRESSED
+from ..report.terminal import comparison_lines
 from ..host.launcher import free_port
 from ..loadgen import run_level
 from ..catalog.paths import catalog_dirs

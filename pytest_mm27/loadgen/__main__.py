@@ -8,20 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import parse_concurrency, parse_positive_float, parse_positive_int
 from ..errors import Mm27Error
 from ..catalog.paths import catalog_dirs
 from ..catalog.workload import load_workloads, parse_workload
 from . import run_level
-
-
-def concurrency_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"concurrencies must be positive integers: {text!r}")
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="server base URL (repeat for several; requests go to the least busy)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--workload", default="quick", help="catalog name or path to a workload .toml")
-    ap.add_argument("--concurrency", type=concurrency_list, default=[1],
+    ap.add_argument("--concurrency", type=parse_concurrency, default=(1,),
                     help="comma-separated levels, e.g. 1,4,8")
-    ap.add_argument("--workers", type=int, default=None, help="client processes per level (default: auto)")
+    ap.add_argument("--workers", type=parse_positive_int, default=None, help="client processes per level (default: auto)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                     help="Bearer token (default: $OPENAI_API_KEY)")
-    ap.add_argument("--level-timeout", type=float, default=None, help="seconds per level")
+    ap.add_argument("--level-timeout", type=parse_positive_float, default=None, help="seconds per level")
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
     args = ap.parse_args(argv)
 

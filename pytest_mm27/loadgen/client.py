@@ -22,7 +22,6 @@ import asyncio
 import errno
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ import aiohttp
 from .fast import FALLBACK, FastEndpoint, fast_request
 from .metrics import RequestRecord
 from .prompts import RequestFactory
-from .sse import SSEParser, StreamError
+from .sse import SSEParser, StreamError, error_text
 
 monotonic = time.monotonic
 
@@ -152,13 +151,6 @@ class CountClaimer:
 
 # --- one request ---
 
-_WS = re.compile(r"\s+")
-
-
-def _clean(text: bytes) -> str:
-    return _WS.sub(" ", text.decode("utf-8", "replace")).strip()[:200]
-
-
 def _connect_reason(exc: BaseException) -> str:
     os_err = getattr(exc, "os_error", None) or exc
     if getattr(os_err, "errno", None) == errno.ECONNREFUSED or isinstance(os_err, ConnectionRefusedError):
@@ -204,7 +196,7 @@ async def do_request(
                     cm.reschedule(min(overall, loop.time() + stall + slack))
                 if resp.status != 200:
                     text = await resp.content.read(4096)
-                    rec.error = f"HTTP {resp.status}: {_clean(text)}"
+                    rec.error = f"HTTP {resp.status}: {error_text(text)}"
                     return
                 feed = parser.feed
                 if stall is None:

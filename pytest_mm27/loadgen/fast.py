@@ -30,7 +30,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from .sse import SSEParser, StreamError
+from .sse import SSEParser, StreamError, error_text
 
 monotonic = time.monotonic
 
@@ -431,8 +431,7 @@ class _Conn(asyncio.Protocol):
     # --- the end ---
 
     def _http_error(self) -> str:
-        from .client import _clean
-        return f"HTTP {self.status}: {_clean(bytes(self.err_body or b'')[:ERROR_BODY_BYTES])}"
+        return f"HTTP {self.status}: {error_text(bytes(self.err_body or b'')[:ERROR_BODY_BYTES])}"
 
     def _end_of_body(self) -> None:
         if self.err_body is not None:

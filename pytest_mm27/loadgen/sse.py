@@ -125,3 +125,11 @@ class SSEParser:
 
 def _short(payload: bytes) -> str:
     return payload[:80].decode("utf-8", "replace")
+
+
+_WS = re.compile(r"\s+")
+
+
+def error_text(body: bytes) -> str:
+    """An error response's body as one short line, for the record (both transports use it)."""
+    return _WS.sub(" ", body.decode("utf-8", "replace")).strip()[:200]

@@ -15,38 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import parse_concurrency, parse_fraction, parse_positive_float, parse_positive_int
 from ..errors import Mm27Error
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return v
-
-
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"must hold positive integers, got {text!r}")
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,25 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", required=True)
     s.add_argument("--hardware", required=True, help="hardware profile (fixtures/hardware/NAME.toml)")
     s.add_argument("--model", required=True, help="model spec (fixtures/models/NAME.toml)")
-    s.add_argument("--tensor-parallel-size", type=_positive_int, default=1)
-    s.add_argument("--data-parallel-size", type=_positive_int, default=1)
-    s.add_argument("--api-server-count", type=_positive_int, default=None,
+    s.add_argument("--tensor-parallel-size", type=parse_positive_int, default=1)
+    s.add_argument("--data-parallel-size", type=parse_positive_int, default=1)
+    s.add_argument("--api-server-count", type=parse_positive_int, default=None,
                    help="vLLM's API server processes; accepted so a launch plan runs unchanged, "
                         "not modelled yet (the simulator's front end has no CPU limit)")
-    s.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    s.add_argument("--max-model-len", type=_positive_int, default=32768)
-    s.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
+    s.add_argument("--max-num-seqs", type=parse_positive_int, default=256)
+    s.add_argument("--max-model-len", type=parse_positive_int, default=32768)
+    s.add_argument("--gpu-memory-utilization", type=parse_fraction, default=0.9)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--api-key", default=None)
-    s.add_argument("--slowdown", type=_positive_float, default=1.0, help="every step takes this factor longer")
-    s.add_argument("--error-rate", type=_fraction, default=0.0, help="fraction of requests answered with HTTP 500")
-    s.add_argument("--crash-after", type=_positive_int, default=None, help="exit(1) when request N arrives")
-    s.add_argument("--hang-after", type=_positive_int, default=None,
+    s.add_argument("--slowdown", type=parse_positive_float, default=1.0, help="every step takes this factor longer")
+    s.add_argument("--error-rate", type=parse_fraction, default=0.0, help="fraction of requests answered with HTTP 500")
+    s.add_argument("--crash-after", type=parse_positive_int, default=None, help="exit(1) when request N arrives")
+    s.add_argument("--hang-after", type=parse_positive_int, default=None,
                    help="from request N on, streams stop mid-stream and never finish")
     s.add_argument("--startup-delay", type=float, default=0.0, help="seconds /health answers 503")
-    s.add_argument("--malformed-sse-rate", type=_fraction, default=0.0,
+    s.add_argument("--malformed-sse-rate", type=parse_fraction, default=0.0,
                    help="fraction of streams that send a broken SSE event halfway (then [DONE])")
-    s.add_argument("--cut-stream-rate", type=_fraction, default=0.0,
+    s.add_argument("--cut-stream-rate", type=parse_fraction, default=0.0,
                    help="fraction of streams whose connection is dropped halfway, without [DONE]")
     s.add_argument("--startup-crash", type=float, default=None,
                    help="exit(3) this many seconds after start, before becoming healthy")
@@ -91,19 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default=None,
                    help="hardware profile in place of the topology's (fixtures/hardware/NAME.toml), "
                         "as the plugin's --hardware")
-    p.add_argument("--concurrency", type=_levels, default=None, help="e.g. 1,4,16 (default: the topology's levels)")
+    p.add_argument("--concurrency", type=parse_concurrency, default=None, help="e.g. 1,4,16 (default: the topology's levels)")
     p.add_argument("--json", action="store_true", help="print a JSON list of per-level objects")
     p.add_argument("--fixtures-dir", type=Path, action="append", default=None)
 
     q = sub.add_parser("plan", help="rank the TP x DP splits of N GPUs for a model")
-    q.add_argument("--gpus", type=_positive_int, required=True)
+    q.add_argument("--gpus", type=parse_positive_int, required=True)
     q.add_argument("--hardware", required=True)
     q.add_argument("--model", required=True)
     q.add_argument("--workload", default="default")
-    q.add_argument("--concurrency", type=_levels, default=None)
-    q.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    q.add_argument("--max-model-len", type=_positive_int, default=32768)
-    q.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
+    q.add_argument("--concurrency", type=parse_concurrency, default=None)
+    q.add_argument("--max-num-seqs", type=parse_positive_int, default=256)
+    q.add_argument("--max-model-len", type=parse_positive_int, default=32768)
+    q.add_argument("--gpu-memory-utilization", type=parse_fraction, default=0.9)
     q.add_argument("--json", action="store_true")
     q.add_argument("--fixtures-dir", type=Path, action="append", default=None)
     return ap

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .perf import MemoryFit, PerfModel
-from .scheduler import Engine
+from .scheduler import EngineCore
 from .specs import Calibration, HardwareProfile, ModelSpec, load_calibration, load_hardware, load_model
 
 
@@ -30,7 +30,7 @@ class SimSetup:
     def memory(self) -> MemoryFit:
         return self.perf().memory(self.gpu_memory_utilization)
 
-    def build_engines(self) -> list[Engine]:
+    def build_engines(self) -> list[EngineCore]:
         """One scheduler per DP rank; refuses, like vLLM, when the model or one request won't fit."""
         perf = self.perf()
         fit = perf.memory(self.gpu_memory_utilization)
@@ -40,7 +40,7 @@ class SimSetup:
             raise ConfigError(f"KV cache holds {fit.kv_tokens:,} tokens, less than max_model_len "
                               f"{self.max_model_len:,}; lower max_model_len ({fit.reason})")
         cal = self.calibration
-        return [Engine(i, perf, fit.kv_tokens, self.max_num_seqs, cal.max_num_batched_tokens, cal.block_size)
+        return [EngineCore(i, perf, fit.kv_tokens, self.max_num_seqs, cal.max_num_batched_tokens, cal.block_size)
                 for i in range(self.dp)]
 
     def with_(self, **changes: Any) -> "SimSetup":

@@ -1,8 +1,8 @@
 """One engine's continuous-batching scheduler, clock-agnostic.
 
 The same code runs on the wall clock (``server``) and on a virtual clock
-(``virtual``): the caller asks :meth:`Engine.schedule` for the next step, waits
-(really or virtually) for the step's duration, then calls :meth:`Engine.commit`
+(``virtual``): the caller asks :meth:`EngineCore.schedule` for the next step, waits
+(really or virtually) for the step's duration, then calls :meth:`EngineCore.commit`
 with the step's end time. It follows vLLM V1's scheduler:
 
 - a token budget per step (``max_num_batched_tokens``) shared by running
@@ -54,7 +54,7 @@ class StepPlan:
         self.tokens, self.preempted = tokens, preempted
 
 
-class Engine:
+class EngineCore:
     """Waiting queue + running batch + KV-block pool of one data-parallel rank."""
 
     def __init__(self, index: int, perf: PerfModel, kv_tokens: int, max_num_seqs: int,

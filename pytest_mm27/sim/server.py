@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .. import __version__
 from .cluster import SimSetup
-from .scheduler import Engine, Seq
+from .scheduler import EngineCore, Seq
 
 # Steps that wake up later than this behind their deadline restart the chain
 # from "now" instead of catching up (a stalled process must not burst).
@@ -122,7 +122,7 @@ class SimServer:
         self.model_name = served_model_name
         self.api_key = api_key
         self.faults = faults or Faults()
-        self.engines: list[Engine] = setup.build_engines()
+        self.engines: list[EngineCore] = setup.build_engines()
         self._rng = random.Random(seed)
         self._requests = 0
         self._wake: list[asyncio.Event] = []
@@ -181,7 +181,7 @@ class SimServer:
         return asyncio.get_running_loop().time() >= self._ready_at
 
     # --- the wall-clock step loop ---
-    async def _run_engine(self, eng: Engine) -> None:
+    async def _run_engine(self, eng: EngineCore) -> None:
         loop = asyncio.get_running_loop()
         wake = self._wake[eng.index]
         deadline = loop.time()
@@ -222,7 +222,7 @@ class SimServer:
             return web.json_response({"error": "Unauthorized"}, status=401)
         return None
 
-    def _pick_engine(self) -> Engine:
+    def _pick_engine(self) -> EngineCore:
         # least loaded (waiting + running), lowest index on ties: vLLM's DP coordinator
         return min(self.engines, key=lambda e: e.load)
 
@@ -351,7 +351,7 @@ class SimServer:
         stream.waiter = fut
         await fut
 
-    async def _whole(self, eng: Engine, seq: Seq, stream: Stream, chat: bool, hang_at: int | None) -> web.Response:
+    async def _whole(self, eng: EngineCore, seq: Seq, stream: Stream, chat: bool, hang_at: int | None) -> web.Response:
         while not stream.finished:
             if hang_at is not None and stream.ready >= hang_at:
                 eng.abort(seq)
@@ -373,7 +373,7 @@ class SimServer:
                                                    "finish_reason": "length", "stop_reason": None}],
             "usage": usage})
 
-    async def _stream(self, request: web.Request, eng: Engine, seq: Seq, stream: Stream, chat: bool,
+    async def _stream(self, request: web.Request, eng: EngineCore, seq: Seq, stream: Stream, chat: bool,
                       include_usage: bool, hang_at: int | None,
                       broken: str | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",

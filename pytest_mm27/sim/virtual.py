@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .cluster import SimSetup
-from .scheduler import Engine, Seq
+from .scheduler import EngineCore, Seq
 
 _ARRIVAL, _STEP_END = 1, 0      # at equal times, finish steps before delivering arrivals
 
@@ -99,7 +99,7 @@ def simulate_level(setup: SimSetup, concurrency: int, requests: int, input_token
         kicked: list[int] = []
         while events and events[0][0] == now:
             _, kind, _, e, payload = heapq.heappop(events)
-            eng: Engine = engines[e]
+            eng: EngineCore = engines[e]
             if kind == _ARRIVAL:
                 eng.add(payload)
                 if plans[e] is None:
