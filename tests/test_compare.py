@@ -8,19 +8,11 @@ import math
 import pytest
 
 from pytest_mm27.benchmarks.synthetic import make_record
-from pytest_mm27.gate.compare import (
-    DEFAULT_TOLERANCES,
-    IMPROVED,
-    INVALID,
-    MISSING,
-    OK,
-    REGRESSED,
-    SWEEP,
-    compare_records,
-    comparison_lines,
-    parse_tolerances,
-    t_ppf,
-)
+from pytest_mm27.gate.compare import compare_records
+from pytest_mm27.gate.specs import DEFAULT_TOLERANCES, parse_tolerances
+from pytest_mm27.gate.stats import t_ppf
+from pytest_mm27.records.model import IMPROVED, INVALID, MISSING, OK, REGRESSED, SWEEP
+from pytest_mm27.report.terminal import comparison_lines
 
 # ---- tolerances ----------------------------------------------------------------------------
 

@@ -64,3 +64,29 @@ def test_corrupt_baseline_names_the_file(pytester):
     result = run(pytester, "--topology", "tiny", "--baseline", "bad.json")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*bad.json*not valid JSON*"])
+
+
+def test_level_tests_and_session_summary_agree(no_leftovers):
+    """One gate step: each level's test verdict (judged while the run was under way) is the
+    verdict the session summary gives the same level at the end, with a regression and without."""
+    from pytest_mm27.gate.compare import compare_records
+
+    pytester = no_leftovers
+    setup(pytester, levels="[2, 4, 8]")
+    common = ("--topology", "tiny", "--trials", "2")
+    run_until(pytester, lambda r, rec: not client_bound(rec), *common, "--save-baseline",
+              retry_args=("--force",))
+    [baseline_file] = pytester.path.glob("results/baselines/sim-rtx-pro-6000/tiny--quick.json")
+    baseline = json.loads(baseline_file.read_text())
+    for fault, regressed in ((None, False), ("slowdown=1.6", True)):
+        args = (*common, "--baseline", "auto", *(("--sim-fault", fault) if fault else ()))
+        result = run_until(pytester, lambda r, rec: not client_bound(rec), *args)
+        record = records(pytester)[-1]
+        summary = compare_records(baseline, record)
+        for level in record["levels"]:
+            at_the_end = summary.level(level["concurrency"])
+            assert level["comparison"]["status"] == at_the_end.status, (level["concurrency"], fault)
+            failed_test = level["verdict"]["status"] == "FAIL"
+            assert failed_test == (at_the_end.status == "regressed"), (level["concurrency"], fault)
+        assert summary.regressed is regressed
+        assert (result.ret == pytest.ExitCode.TESTS_FAILED) is regressed

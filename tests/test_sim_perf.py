@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from pytest_mm27.sim.cluster import setup_for
 from pytest_mm27.sim.perf import PerfModel, StepShape, distinct_experts
-from pytest_mm27.sim.scheduler import Engine, Seq
+from pytest_mm27.sim.scheduler import EngineCore as Engine, Seq
 from pytest_mm27.sim.specs import GIB, Calibration, load_hardware, load_model
 
 NVFP4 = "minimax-m2.7-nvfp4"
