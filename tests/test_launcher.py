@@ -15,7 +15,8 @@ import pytest
 
 from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.host.launcher import Launcher, free_port, port_in_use, read_log_tail
+from pytest_mm27.host.launcher import Launcher, read_log_tail
+from pytest_mm27.host.ports import free_port, port_in_use
 from pytest_mm27.catalog.topology import parse_topology
 
 # A stand-in for `vllm serve` / the simulator: stdlib only, so it starts fast.

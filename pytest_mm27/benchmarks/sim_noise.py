@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..gate.compare import REGRESSED, compare_records, comparison_lines
-from ..host.launcher import free_port
+from ..host.ports import free_port
 from ..loadgen import run_level
 from ..catalog.paths import catalog_dirs
 from ..catalog.topology import load_catalog

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import json
 import os
 import re
@@ -37,14 +36,13 @@ from typing import Any
 from ..engines.base import LaunchPlan, ServerSpec
 from ..errors import LaunchError
 from .gpus import discover_gpus
+from .ports import free_port, port_in_use
 
 __all__ = [
     "Launcher",
     "TeardownReport",
-    "free_port",
     "install_signal_handlers",
     "processes_under",
-    "port_in_use",
     "stop_all",
 ]
 
@@ -64,37 +62,6 @@ SHM_NAME_RE = re.compile(r"^(psm_|torch_|vllm|nccl|__KMP_REGISTERED_LIB)", re.I)
 TMP_GLOBS = ("vllm_dist_*",)
 SHM_DIR = Path("/dev/shm")
 ADDR_IN_USE_RE = re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)
-
-
-# --- ports ----------------------------------------------------------------
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on ``host`` right now (the OS picks it)."""
-    host = host.strip("[]")
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether a server could not bind ``host:port`` (it is taken).
-
-    Binds with SO_REUSEADDR as servers do, so a port in TIME_WAIT counts as free.
-    """
-    host = host.strip("[]")
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
 
 
 # --- /proc ----------------------------------------------------------------
