@@ -21,13 +21,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any
 
 from ..engines.base import LaunchPlan, ServerSpec
 from ..errors import LaunchError
+from . import probe
 from .gpus import discover_gpus
 from .ports import free_port, port_in_use
 
@@ -48,7 +46,6 @@ __all__ = [
 
 LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.2
-PROBE_TIMEOUT_S = 1.0               # short, so a dead child is noticed within ~1 s
 DEFAULT_GRACE_S = 10.0
 KILL_WAIT_S = 5.0
 GPU_FREE_WAIT_S = 10.0              # the driver frees memory shortly after the process is gone
@@ -291,7 +288,6 @@ class Launcher:
         self._tmp_before: set[str] = set()
         self._started = False
         self._stopping = False
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # -- public ------------------------------------------------------------
 
@@ -497,43 +493,26 @@ class Launcher:
 
     def _probe(self, server: _Server) -> None:
         spec = server.spec
-        status, body, why = self._get(spec, "/health")
-        if status != 200:
-            server.last_probe = f"GET /health: {why}"
+        health = probe.get(spec.base_url + "/health")
+        if health.status != 200:
+            server.last_probe = f"GET /health: {health.why}"
             return
         assert server.popen is not None
         if _exit_status(server.popen) is not None:
             return                  # exited between the checks; noticed next round
-        status, body, why = self._get(spec, "/v1/models", auth=True)
-        if status in (401, 403):
-            raise LaunchError(f"server {spec.name} refused GET /v1/models with HTTP {status}: "
+        models = probe.get(spec.base_url + "/v1/models", spec.api_key)
+        if models.status in (401, 403):
+            raise LaunchError(f"server {spec.name} refused GET /v1/models with HTTP {models.status}: "
                               f"the API key the harness sends does not match the server's")
-        if status != 200:
-            server.last_probe = f"GET /v1/models: {why}"
+        if models.status != 200:
+            server.last_probe = f"GET /v1/models: {models.why}"
             return
-        served = _model_ids(body)
+        served = _model_ids(models.body)
         if self.plan.model and served is not None and self.plan.model not in served:
             raise LaunchError(f"server {spec.name} is up but does not serve model {self.plan.model!r} "
                               f"(it serves: {', '.join(served) or 'nothing'}); check served_name")
         server.healthy = True
         server.last_probe = "healthy"
-
-    def _get(self, spec: ServerSpec, path: str, auth: bool = False) -> tuple[int | None, bytes, str]:
-        request = urllib.request.Request(spec.base_url + path)
-        if auth and spec.api_key:
-            request.add_header("Authorization", f"Bearer {spec.api_key}")
-        try:
-            with self._opener.open(request, timeout=PROBE_TIMEOUT_S) as resp:
-                return resp.status, resp.read(1 << 20), f"HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            return exc.code, b"", f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, ConnectionRefusedError):
-                return None, b"", "connection refused (not listening yet)"
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                return None, b"", f"no answer within {PROBE_TIMEOUT_S:g} s"
-            return None, b"", str(reason)
 
     def _death_text(self, server: _Server, code: int, *, during: str) -> str:
         spec = server.spec
