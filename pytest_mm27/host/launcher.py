@@ -35,12 +35,12 @@ from ..errors import LaunchError
 from . import probe
 from .gpus import discover_gpus
 from .ports import free_port, port_in_use
+from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
 
 __all__ = [
     "Launcher",
     "TeardownReport",
     "install_signal_handlers",
-    "processes_under",
     "stop_all",
 ]
 
@@ -59,56 +59,6 @@ SHM_NAME_RE = re.compile(r"^(psm_|torch_|vllm|nccl|__KMP_REGISTERED_LIB)", re.I)
 TMP_GLOBS = ("vllm_dist_*",)
 SHM_DIR = Path("/dev/shm")
 ADDR_IN_USE_RE = re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)
-
-
-# --- /proc ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Proc:
-    pid: int
-    state: str
-    ppid: int
-    pgid: int
-    sid: int
-    start: int                      # start time in clock ticks: (pid, start) is unique
-
-    @property
-    def alive(self) -> bool:
-        return self.state not in ("Z", "X", "x")
-
-
-def _read_stat(pid: int) -> _Proc | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
-    except OSError:
-        return None
-    rest = raw[raw.rfind(")") + 2:].split()
-    try:
-        return _Proc(pid, rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def _scan() -> dict[int, _Proc]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            proc = _read_stat(int(entry))
-            if proc is not None:
-                out[proc.pid] = proc
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200] or "?"
-
-
-def _describe(pid: int) -> str:
-    return f"pid {pid} ({_cmdline(pid)})"
 
 
 # --- reports --------------------------------------------------------------
@@ -146,29 +96,6 @@ class TeardownReport:
         return text
 
 
-def processes_under(path: Path) -> list[str]:
-    """Live processes whose working folder is ``path`` or below: what a run started there left.
-
-    Tests and the fault suite use it to prove teardown left nothing running.
-    """
-    found = []
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2:].startswith("Z"):
-            continue
-        if cwd == str(path) or cwd.startswith(str(path) + os.sep):
-            found.append(f"{pid}: {cmd.strip()[:160]}")
-    return found
-
-
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with path.open("rb") as fh:
@@ -180,37 +107,6 @@ def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return f"(cannot read {path}: {exc.strerror or exc})"
     text = data.decode(errors="replace").rstrip("\n")
     return "\n".join(text.splitlines()[-lines:]) if text else "(log is empty)"
-
-
-def _exit_status(popen: subprocess.Popen[bytes]) -> int | None:
-    """The child's exit status without reaping it (Popen style: -N for signal N).
-
-    The zombie keeps its pid, and so its process group id, reserved until
-    stop() has verified the group is empty; a reused pid can then never be
-    mistaken for one of ours.
-    """
-    if popen.returncode is not None:
-        return popen.returncode
-    try:
-        info = os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return popen.poll()
-    if info is None or info.si_pid == 0:
-        return None
-    if info.si_code == os.CLD_EXITED:
-        return info.si_status
-    return -info.si_status
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 # --- the launcher ---------------------------------------------------------
@@ -265,7 +161,7 @@ class _Server:
     healthy: bool = False
     last_probe: str = "not probed yet"
     retried: bool = False
-    family: dict[int, int] = field(default_factory=dict)    # pid -> start ticks, all ever seen
+    family: Family | None = None       # its processes, from the spawn on
     tmp_dir: Path | None = None         # the server's own TMPDIR (spec.private_tmp)
 
 
@@ -350,10 +246,10 @@ class Launcher:
         """Raise :class:`LaunchError` with the log tail if a server has died."""
         dead = []
         for server in self._servers:
-            if server.popen is None:
+            if server.popen is None or server.family is None:
                 continue
-            self._remember_family(server)
-            code = _exit_status(server.popen)
+            server.family.remember()
+            code = exit_status(server.popen)
             if code is not None:
                 dead.append(self._death_text(server, code, during="while serving"))
         if dead:
@@ -447,8 +343,8 @@ class Launcher:
         server.started_at = time.monotonic()
         server.healthy = False
         server.last_probe = "not probed yet"
-        server.family = {}
-        self._remember_family(server)
+        server.family = Family(server.popen.pid)
+        server.family.remember()
 
     # -- health ----------------------------------------------------------------
 
@@ -458,13 +354,14 @@ class Launcher:
         last_family_scan = 0.0
         while True:
             now = time.monotonic()
-            scan = now - last_family_scan >= 1.0
-            if scan:
+            table = None
+            if now - last_family_scan >= 1.0:
                 last_family_scan = now
+                table = process_table()
             for i, server in enumerate(self._servers):
                 self._check_exited(i, server)       # healthy ones too: any death fails the boot
-                if scan:
-                    self._remember_family(server)
+                if table is not None and server.family is not None:
+                    server.family.remember(table)
                 if not server.healthy:
                     self._probe(server)
             if all(s.healthy for s in self._servers):
@@ -475,7 +372,7 @@ class Launcher:
 
     def _check_exited(self, index: int, server: _Server) -> None:
         assert server.popen is not None
-        code = _exit_status(server.popen)
+        code = exit_status(server.popen)
         if code is None:
             return
         tail = read_log_tail(server.log_path, 200)
@@ -498,7 +395,7 @@ class Launcher:
             server.last_probe = f"GET /health: {health.why}"
             return
         assert server.popen is not None
-        if _exit_status(server.popen) is not None:
+        if exit_status(server.popen) is not None:
             return                  # exited between the checks; noticed next round
         models = probe.get(spec.base_url + "/v1/models", spec.api_key)
         if models.status in (401, 403):
@@ -517,7 +414,7 @@ class Launcher:
     def _death_text(self, server: _Server, code: int, *, during: str) -> str:
         spec = server.spec
         age = time.monotonic() - server.started_at
-        return (f"server {spec.name} exited {during} ({_exit_text(code)}, {age:.1f} s after start)\n"
+        return (f"server {spec.name} exited {during} ({exit_text(code)}, {age:.1f} s after start)\n"
                 f"command: {spec.command_line()}\n"
                 f"--- last {LOG_TAIL_LINES} lines of {server.log_path} ---\n"
                 f"{read_log_tail(server.log_path)}")
@@ -535,107 +432,38 @@ class Launcher:
 
     # -- stop ------------------------------------------------------------------
 
-    def _remember_family(self, server: _Server, table: dict[int, _Proc] | None = None) -> None:
-        """Record the child's group and every descendant, even ones that setsid()."""
-        if server.popen is None:
-            return
-        table = table if table is not None else _scan()
-        root = server.popen.pid
-        for proc in table.values():
-            if proc.pgid == root or proc.sid == root:
-                server.family.setdefault(proc.pid, proc.start)
-        children: dict[int, list[int]] = {}
-        for proc in table.values():
-            children.setdefault(proc.ppid, []).append(proc.pid)
-        stack = [pid for pid in server.family if pid in table and server.family[pid] == table[pid].start]
-        stack.append(root)
-        seen: set[int] = set()
-        while stack:
-            pid = stack.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            if pid in table:
-                server.family.setdefault(pid, table[pid].start)
-            stack.extend(children.get(pid, ()))
-
-    def _alive_members(self, server: _Server, table: dict[int, _Proc]) -> list[int]:
-        """Live processes of the server: its group/session and recorded family."""
-        if server.popen is None:
+    def _signal_and_wait(self, servers: list[_Server], sig: int, until: float) -> list[_Server]:
+        """Send ``sig`` to every process of ``servers``; those with some left at ``until``."""
+        families = [s.family for s in servers if s.family is not None]
+        if not families:
             return []
-        root = server.popen.pid
-        out = []
-        for proc in table.values():
-            if not proc.alive:
-                continue
-            ours = proc.pgid == root or proc.sid == root or server.family.get(proc.pid) == proc.start
-            if ours:
-                out.append(proc.pid)
-        return out
-
-    def _signal(self, server: _Server, sig: int, table: dict[int, _Proc]) -> None:
-        assert server.popen is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server.popen.pid, sig)
-        for pid in self._alive_members(server, table):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+        table = process_table()
+        for family in families:
+            family.remember(table)
+            family.signal(sig, table)
+        left = wait_gone(families, until)
+        return [s for s in servers if s.family in left]
 
     def _kill_now(self, server: _Server) -> None:
         """SIGKILL a failed attempt's whole family and reap it (before a retry)."""
         assert server.popen is not None
-        table = _scan()
-        self._remember_family(server, table)
-        self._signal(server, signal.SIGKILL, table)
-        self._wait_gone([server], time.monotonic() + KILL_WAIT_S)
+        self._signal_and_wait([server], signal.SIGKILL, time.monotonic() + KILL_WAIT_S)
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.popen.wait(timeout=1.0)
-
-    def _wait_gone(self, servers: list[_Server], until: float) -> list[_Server]:
-        """Servers with live processes left at ``until`` (reaping our children)."""
-        while True:
-            table = _scan()
-            left = []
-            for server in servers:
-                if self._alive_members(server, table):
-                    left.append(server)
-            if not left or time.monotonic() >= until:
-                return left
-            time.sleep(0.05)
 
     def _stop(self) -> TeardownReport:
         running = [s for s in self._servers if s.popen is not None]
         exit_codes: dict[str, int | None] = {}
-        killed: list[str] = []
         errors: list[str] = []
-        if running:
-            table = _scan()
-            for server in running:
-                self._remember_family(server, table)
-            for server in running:
-                self._signal(server, signal.SIGTERM, table)
-            start = time.monotonic()
-            left = self._wait_gone(running, start + self.grace_s / 2)
-            if left:
-                table = _scan()
-                for server in left:
-                    self._remember_family(server, table)
-                    self._signal(server, signal.SIGINT, table)
-                left = self._wait_gone(left, start + self.grace_s)
-            if left:
-                table = _scan()
-                for server in left:
-                    self._remember_family(server, table)
-                    self._signal(server, signal.SIGKILL, table)
-                    killed.append(server.spec.name)
-                left = self._wait_gone(left, time.monotonic() + KILL_WAIT_S)
+        start = time.monotonic()
+        left = self._signal_and_wait(running, signal.SIGTERM, start + self.grace_s / 2)
+        left = self._signal_and_wait(left, signal.SIGINT, start + self.grace_s)
+        killed = [s.spec.name for s in left]
+        self._signal_and_wait(left, signal.SIGKILL, time.monotonic() + KILL_WAIT_S)
         # Verify (before reaping, while our pids are still reserved): nothing of
         # any group, session or recorded family survives.
-        table = _scan()
-        leftovers = []
-        for server in running:
-            for pid in self._alive_members(server, table):
-                leftovers.append(f"{server.spec.name}: {_describe(pid)}")
+        table = process_table() if running else {}
+        leftovers = [f"{s.spec.name}: {describe(pid)}" for s in running if s.family for pid in s.family.alive(table)]
         for server in running:
             assert server.popen is not None
             try:
