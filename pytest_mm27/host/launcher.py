@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 
 from ..engines.base import LaunchPlan, ServerSpec
 from ..errors import LaunchError
-from . import probe
+from . import cleanup, probe
 from .gpus import discover_gpus
 from .ports import free_port, port_in_use
 from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
@@ -51,13 +50,6 @@ KILL_WAIT_S = 5.0
 GPU_FREE_WAIT_S = 10.0              # the driver frees memory shortly after the process is gone
 GPU_FREE_THRESHOLD_MB = 1024
 
-# Shared-memory and temp files vLLM, torch, NCCL and OpenMP create; only new
-# ones owned by us and no longer open or mapped by any process are removed.
-# Not sem.*: a named semaphore is mapped under a temporary name before it is
-# linked, so "not mapped" cannot be proven, and its creator unlinks it anyway.
-SHM_NAME_RE = re.compile(r"^(psm_|torch_|vllm|nccl|__KMP_REGISTERED_LIB)", re.I)
-TMP_GLOBS = ("vllm_dist_*",)
-SHM_DIR = Path("/dev/shm")
 ADDR_IN_USE_RE = re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)
 
 
@@ -180,8 +172,7 @@ class Launcher:
         self.grace_s = grace_s
         self.teardown: TeardownReport | None = None
         self._servers: list[_Server] = []
-        self._shm_before: set[str] = set()
-        self._tmp_before: set[str] = set()
+        self._before: cleanup.Snapshot | None = None     # taken at start: what cleanup leaves alone
         self._started = False
         self._stopping = False
 
@@ -281,8 +272,7 @@ class Launcher:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._shm_before = _listdir(SHM_DIR)
-        self._tmp_before = _tmp_entries()
+        self._before = cleanup.snapshot()
         taken: set[int] = set()
         for spec in self.plan.servers:
             if spec.port:
@@ -471,7 +461,10 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 errors.append(f"{server.spec.name}: pid {server.popen.pid} did not exit")
             exit_codes[server.spec.name] = server.popen.returncode
-        removed, clean_errors = self._clean_files() if self._started else ([], [])
+        removed, clean_errors = [], []
+        if self._before is not None:
+            private_tmp = [s.tmp_dir for s in self._servers if s.tmp_dir is not None]
+            removed, clean_errors = cleanup.remove_leftovers(self._before, private_tmp)
         gpu_memory = self._gpu_memory_left(running) if running else {}
         if gpu_memory:
             errors.append("GPU memory still in use after teardown: "
@@ -495,40 +488,6 @@ class Launcher:
                 return left
             time.sleep(0.5)
 
-    def _clean_files(self) -> tuple[list[str], list[str]]:
-        candidates: list[Path] = []
-        # Segments named after a vllm_dist_<hex> folder of one of our servers'
-        # own TMPDIRs are theirs, whenever they were made (TP=2 on CPU leaves
-        # /dev/shm/vllm_dist_<hex>-tp:... behind).
-        dist_names = tuple(p.name for s in self._servers if s.tmp_dir for p in s.tmp_dir.glob("vllm_dist_*"))
-        for name in sorted(_listdir(SHM_DIR)):
-            new_and_known = name not in self._shm_before and SHM_NAME_RE.match(name)
-            if new_and_known or (dist_names and name.startswith(dist_names)):
-                candidates.append(SHM_DIR / name)
-        tmp = Path(tempfile.gettempdir())
-        for name in sorted(_tmp_entries() - self._tmp_before):
-            candidates.append(tmp / name)
-        candidates += [s.tmp_dir for s in self._servers if s.tmp_dir is not None and s.tmp_dir.exists()]
-        candidates = [p for p in candidates if _owned_by_us(p)]
-        if not candidates:
-            return [], []
-        in_use = _paths_in_use()
-        removed, errors = [], []
-        for path in candidates:
-            if any(u == str(path) or u.startswith(str(path) + "/") for u in in_use):
-                continue            # another live process (another run) still uses it
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(str(path))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                errors.append(f"cannot remove {path}: {exc.strerror or exc}")
-        return removed, errors
-
 
 def _model_ids(body: bytes) -> list[str] | None:
     try:
@@ -536,47 +495,3 @@ def _model_ids(body: bytes) -> list[str] | None:
         return [str(m["id"]) for m in data["data"]]
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _listdir(path: Path) -> set[str]:
-    try:
-        return set(os.listdir(path))
-    except OSError:
-        return set()
-
-
-def _tmp_entries() -> set[str]:
-    tmp = Path(tempfile.gettempdir())
-    return {p.name for pattern in TMP_GLOBS for p in tmp.glob(pattern)}
-
-
-def _owned_by_us(path: Path) -> bool:
-    try:
-        return path.lstat().st_uid == os.getuid()
-    except OSError:
-        return False
-
-
-def _paths_in_use() -> set[str]:
-    """Files under /dev/shm or the temp folder that live processes hold open or mapped."""
-    roots = (str(SHM_DIR) + "/", tempfile.gettempdir().rstrip("/") + "/")
-    used: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        base = f"/proc/{entry}"
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"{base}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"{base}/fd/{fd}")
-                    if target.startswith(roots):
-                        used.add(target.removesuffix(" (deleted)"))
-        with contextlib.suppress(OSError):
-            with open(f"{base}/maps", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    idx = line.find("/")
-                    if idx >= 0:
-                        target = line[idx:].rstrip("\n")
-                        if target.startswith(roots):
-                            used.add(target.removesuffix(" (deleted)"))
-    return used
