@@ -413,7 +413,8 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_launcher import make_plan
-from pytest_mm27.host.launcher import Launcher, install_signal_handlers
+from pytest_mm27.host.exits import install_signal_handlers
+from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.catalog.topology import parse_topology
 install_signal_handlers()
 topo = parse_topology(Path({str(topology.source)!r}))

@@ -42,6 +42,7 @@ from ..engines import EngineOptions, VllmEngine
 from ..engines.base import split_devices
 from ..engines.vllm import provision_model
 from ..errors import Mm27Error
+from ..host.exits import install_signal_handlers
 from ..host.gpus import check_free_memory, lease_devices
 from ..host.launcher import Launcher
 from ..loadgen import run_level
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write every round's figures, ours and theirs per concurrency, to PATH "
                          "(rewritten after each level, so a crash keeps the levels done)")
     args = ap.parse_args(argv)
+    # `kill PID` (SIGTERM) skips atexit: without this the vLLM server would outlive us.
+    install_signal_handlers()
 
     vllm = shlex.split(args.vllm)
     try:

@@ -3,18 +3,22 @@
 Each server is a child in its own session (so its process group holds it and
 everything it spawns), writing stdout+stderr to one log file per server. A
 child that exits during start-up fails the boot within about a second, with
-its exit code and log tail. Teardown signals whole process groups (SIGTERM,
-then SIGINT, then SIGKILL), verifies through ``/proc`` that nothing of them
-is left, and removes the shared-memory files and temp folders the servers
-left behind. An ``atexit`` hook stops whatever is still running, so a
-crashed run never leaves GPU-holding orphans.
+its exit code and log tail. Teardown signals whole process families
+(SIGTERM, then SIGINT, then SIGKILL; :mod:`.processes`), verifies that
+nothing of them is left, and removes the shared-memory files and temp
+folders the servers left behind (:mod:`.cleanup`). Launchers still running
+when Python exits are stopped by :mod:`.exits`, so a crashed run never
+leaves GPU-holding orphans.
 
-No pytest here: the plugin's fixture is ``with Launcher(plan, log_dir) as l:``.
+No pytest here. For the plugin, :mod:`pytest_mm27.harness` drives it step
+by step: ``start()`` and ``wait_healthy()`` when a topology's first level
+needs it, ``check_alive()`` around each level, ``stop()`` before the next
+topology boots or when the session ends. Scripts write
+``with Launcher(plan, log_dir) as launcher:``.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -22,26 +26,19 @@ import re
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..engines.base import LaunchPlan, ServerSpec
 from ..errors import LaunchError
-from . import cleanup, probe
+from . import cleanup, exits, probe
 from .gpus import discover_gpus
-from .ports import free_port, port_in_use
+from .ports import pick_port, port_in_use
 from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
 
-__all__ = [
-    "Launcher",
-    "TeardownReport",
-    "install_signal_handlers",
-    "stop_all",
-]
+__all__ = ["Launcher", "TeardownReport", "read_log_tail"]
 
 LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.2
@@ -102,46 +99,6 @@ def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 # --- the launcher ---------------------------------------------------------
-
-_live: set[Launcher] = set()
-_live_lock = threading.Lock()
-
-
-def stop_all() -> list[TeardownReport]:
-    """Stop every launcher still running (atexit and signal handlers call this)."""
-    with _live_lock:
-        launchers = list(_live)
-    return [launcher.stop() for launcher in launchers]
-
-
-atexit.register(stop_all)
-
-
-_handled_signals: set[int] = set()
-
-
-def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGHUP)) -> None:
-    """Stop all servers when this process is told to exit, then exit as asked.
-
-    Optional (a library should not take signals over on import); the plugin
-    calls it once from the main thread. Earlier handlers still run afterwards.
-    """
-    for sig in signals:
-        if sig in _handled_signals:
-            continue
-        _handled_signals.add(sig)
-        previous = signal.getsignal(sig)
-
-        def handler(signum: int, frame: Any, _previous: Any = previous) -> None:
-            stop_all()
-            if callable(_previous):
-                _previous(signum, frame)
-            elif _previous != signal.SIG_IGN:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-
-        signal.signal(sig, handler)
-
 
 @dataclass
 class _Server:
@@ -261,8 +218,7 @@ class Launcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            with _live_lock:
-                _live.discard(self)
+            exits.untrack(self)
             self._stopping = False
         report.seconds = time.monotonic() - t0
         self.teardown = report
@@ -283,22 +239,13 @@ class Launcher:
         for i, spec in enumerate(self.plan.servers):
             picked = spec.port == 0
             if picked:
-                spec = spec.with_port(self._pick_port(spec.host, taken))
+                spec = spec.with_port(pick_port(spec.host, taken))
                 self.plan = self.plan.with_server(i, spec)
             taken.add(spec.port)
             self._servers.append(_Server(spec=spec, picked_port=picked, log_path=self.log_dir / f"{spec.name}.log"))
-        with _live_lock:
-            _live.add(self)
+        exits.track(self)
         for server in self._servers:
             self._spawn(server, first=True)
-
-    @staticmethod
-    def _pick_port(host: str, avoid: set[int]) -> int:
-        for _ in range(50):
-            port = free_port(host)
-            if port not in avoid:
-                return port
-        raise LaunchError(f"could not find a free port on {host}")
 
     def _spawn(self, server: _Server, *, first: bool) -> None:
         spec = server.spec
@@ -371,7 +318,7 @@ class Launcher:
             server.retried = True
             self._kill_now(server)
             taken = {s.spec.port for s in self._servers}
-            spec = server.spec.with_port(self._pick_port(server.spec.host, taken))
+            spec = server.spec.with_port(pick_port(server.spec.host, taken))
             self.plan = self.plan.with_server(index, spec)
             server.spec = spec
             self._spawn(server, first=False)

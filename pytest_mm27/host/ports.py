@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Container
 
-__all__ = ["free_port", "port_in_use"]
+from ..errors import LaunchError
+
+__all__ = ["free_port", "pick_port", "port_in_use"]
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -22,6 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def pick_port(host: str, avoid: Container[int]) -> int:
+    """A free port on ``host`` other than those in ``avoid`` (picked for other servers, not bound yet)."""
+    for _ in range(50):
+        port = free_port(host)
+        if port not in avoid:
+            return port
+    raise LaunchError(f"could not find a free port on {host}")
 
 
 def port_in_use(host: str, port: int) -> bool:
