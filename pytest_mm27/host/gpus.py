@@ -33,6 +33,9 @@ LeaseKind = Literal["gpu", "cpu"]
 
 DEFAULT_LOCK_DIR = "/tmp/pytest-mm27-locks"
 NVIDIA_SMI_FIELDS = "index,uuid,name,memory.total,memory.used,driver_version"
+# More memory in use than this means a process holds the GPU (an idle one
+# with a display or the driver's own context uses a few hundred MiB at most).
+IN_USE_MB = 1024
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def _gpu_processes(uuid: str) -> list[str]:
     return out
 
 
-def check_free_memory(gpus: Iterable[int | GpuInfo], threshold_mb: int = 1024) -> None:
+def check_free_memory(gpus: Iterable[int | GpuInfo], threshold_mb: int = IN_USE_MB) -> None:
     """Refuse GPUs that already have more than ``threshold_mb`` in use.
 
     Memory in use before we boot belongs to someone else (another run, an
@@ -185,6 +188,22 @@ def check_free_memory(gpus: Iterable[int | GpuInfo], threshold_mb: int = 1024) -
         raise LaunchError(f"GPU memory is already in use by someone else (more than {threshold_mb} MiB):\n  "
                           + "\n  ".join(busy)
                           + "\nFree them (an orphaned server from an earlier run?) or pick other GPUs.")
+
+
+def memory_not_freed(gpus: Iterable[int], wait_s: float, threshold_mb: int = IN_USE_MB) -> dict[int, int]:
+    """MiB in use on those of ``gpus`` that still hold more than ``threshold_mb`` after up to ``wait_s``.
+
+    The driver frees a process's memory shortly after the process is gone,
+    so a teardown waits a little before it calls memory left behind a leak.
+    """
+    wanted = set(gpus)
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = {g.index: g.memory_used_mb for g in discover_gpus()
+                if g.index in wanted and g.memory_used_mb > threshold_mb}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.5)
 
 
 # --- leases ---------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 from ..engines.base import LaunchPlan, ServerSpec
 from ..errors import LaunchError
 from . import cleanup, exits, probe
-from .gpus import discover_gpus
+from .gpus import memory_not_freed
 from .ports import pick_port, port_in_use
 from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
 
@@ -45,7 +45,6 @@ POLL_INTERVAL_S = 0.2
 DEFAULT_GRACE_S = 10.0
 KILL_WAIT_S = 5.0
 GPU_FREE_WAIT_S = 10.0              # the driver frees memory shortly after the process is gone
-GPU_FREE_THRESHOLD_MB = 1024
 
 ADDR_IN_USE_RE = re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)
 
@@ -427,13 +426,7 @@ class Launcher:
         owned = {g for s in servers for g in s.spec.gpus}
         if not owned:
             return {}
-        deadline = time.monotonic() + GPU_FREE_WAIT_S
-        while True:
-            left = {g.index: g.memory_used_mb for g in discover_gpus()
-                    if g.index in owned and g.memory_used_mb > GPU_FREE_THRESHOLD_MB}
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.5)
+        return memory_not_freed(owned, GPU_FREE_WAIT_S)
 
 
 def _model_ids(body: bytes) -> list[str] | None:
