@@ -15,8 +15,9 @@ import pytest
 
 from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.host.launcher import Launcher, read_log_tail
+from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.host.ports import free_port, port_in_use
+from pytest_mm27.host.serverlog import read_log_tail
 from pytest_mm27.catalog.topology import parse_topology
 
 # A stand-in for `vllm serve` / the simulator: stdlib only, so it starts fast.

@@ -37,10 +37,10 @@ from . import cleanup, exits, probe
 from .gpus import memory_not_freed
 from .ports import pick_port, port_in_use
 from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
+from .serverlog import LOG_TAIL_LINES, open_log, read_log_tail
 
-__all__ = ["Launcher", "TeardownReport", "read_log_tail"]
+__all__ = ["Launcher", "TeardownReport"]
 
-LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.2
 DEFAULT_GRACE_S = 10.0
 KILL_WAIT_S = 5.0
@@ -82,19 +82,6 @@ class TeardownReport:
             text += "; GPU memory not freed: " + ", ".join(
                 f"GPU {i} {mb} MiB" for i, mb in sorted(self.gpu_memory_in_use_mb.items()))
         return text
-
-
-def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 256 * 1024))
-            data = fh.read()
-    except OSError as exc:
-        return f"(cannot read {path}: {exc.strerror or exc})"
-    text = data.decode(errors="replace").rstrip("\n")
-    return "\n".join(text.splitlines()[-lines:]) if text else "(log is empty)"
 
 
 # --- the launcher ---------------------------------------------------------
@@ -255,19 +242,7 @@ class Launcher:
                 # TMPDIR and a socket path may not exceed 107 bytes.
                 server.tmp_dir = Path(tempfile.mkdtemp(prefix=f"mm27-{spec.name}-"))
             env["TMPDIR"] = str(server.tmp_dir)
-        header = [
-            f"# mm27: server {spec.name} ({self.plan.engine} engine, topology {self.plan.topology.name})",
-            f"# mm27: command: {spec.command_line()}",
-            f"# mm27: env added: {json.dumps(spec.redacted_env(), sort_keys=True)}",
-            f"# mm27: devices: {list(spec.gpus)}  url: {spec.base_url}",
-            *([f"# mm27: TMPDIR: {server.tmp_dir}"] if server.tmp_dir else []),
-            f"# mm27: started {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        ]
-        with server.log_path.open("w" if first else "a", encoding="utf-8") as fh:
-            if not first:
-                fh.write(f"\n# mm27: ---- retry on port {spec.port} ----\n")
-            fh.write("\n".join(header) + "\n")
-            fh.flush()
+        with open_log(server.log_path, spec, self.plan, server.tmp_dir, retry=not first) as fh:
             try:
                 server.popen = subprocess.Popen(
                     list(spec.argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
