@@ -27,7 +27,8 @@ from .engines.base import EngineOptions, LaunchPlan, split_devices
 from .errors import ConfigError, LaunchError, Mm27Error
 from .catalog.floors import FloorTable, load_floors
 from .engines.vllm import vllm_python
-from .host.gpus import check_free_memory, discover_gpus, lease_devices
+from .host.gpus import check_free_memory, discover_gpus
+from .host.leases import lease_devices
 from .host.hostfacts import collect_host_facts
 from .host.launcher import Launcher
 from .loadgen import LevelMetrics, run_level

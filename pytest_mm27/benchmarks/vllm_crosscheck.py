@@ -43,7 +43,8 @@ from ..engines.base import split_devices
 from ..engines.vllm import provision_model
 from ..errors import Mm27Error
 from ..host.exits import install_signal_handlers
-from ..host.gpus import check_free_memory, lease_devices
+from ..host.gpus import check_free_memory
+from ..host.leases import lease_devices
 from ..host.launcher import Launcher
 from ..loadgen import run_level
 from ..catalog.paths import catalog_dirs
