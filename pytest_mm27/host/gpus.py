@@ -60,7 +60,8 @@ def _visible_filter(gpus: list[GpuInfo]) -> list[GpuInfo]:
     return out
 
 
-def _decode(value: Any) -> str:
+def nvml_text(value: Any) -> str:
+    """An NVML string: bytes from older pynvml bindings, str from newer ones."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -74,13 +75,13 @@ def _discover_nvml() -> list[GpuInfo] | None:
     except Exception:
         return None             # library present, no driver: nvidia-smi will say the same
     try:
-        driver = _decode(pynvml.nvmlSystemGetDriverVersion())
+        driver = nvml_text(pynvml.nvmlSystemGetDriverVersion())
         out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append(GpuInfo(index=i, uuid=_decode(pynvml.nvmlDeviceGetUUID(h)),
-                               name=_decode(pynvml.nvmlDeviceGetName(h)),
+            out.append(GpuInfo(index=i, uuid=nvml_text(pynvml.nvmlDeviceGetUUID(h)),
+                               name=nvml_text(pynvml.nvmlDeviceGetName(h)),
                                memory_total_mb=int(mem.total // 2**20), memory_used_mb=int(mem.used // 2**20),
                                driver=driver))
         return out
