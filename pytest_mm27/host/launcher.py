@@ -96,7 +96,7 @@ class _Server:
     healthy: bool = False
     last_probe: str = "not probed yet"
     retried: bool = False
-    family: Family | None = None       # its processes, from the spawn on
+    family: Family | None = None        # its processes, from the spawn on
     tmp_dir: Path | None = None         # the server's own TMPDIR (spec.private_tmp)
 
 
