@@ -33,7 +33,8 @@ from .gate.baseline import BaselineMatch, resolve_baselines
 from .gate.compare import Judge
 from .gate.step import gate_level
 from .gate.verdict import judge_level
-from .host.gpus import check_free_memory, discover_gpus, lease_devices
+from .host.gpus import check_free_memory, discover_gpus
+from .host.leases import lease_devices
 from .host.hostfacts import collect_host_facts
 from .host.launcher import Launcher
 from .host.servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.host.launcher import processes_under
+from pytest_mm27.host.processes import processes_under
 
 pytest_plugins = ["pytester"]
 

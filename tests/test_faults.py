@@ -28,7 +28,7 @@ from pytest_mm27.benchmarks import fault_suite
 from pytest_mm27.engines.base import EngineOptions
 from pytest_mm27.engines.sim import SimEngine
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.host.gpus import lease_devices, lock_path
+from pytest_mm27.host.leases import lease_devices, lock_path
 from pytest_mm27.testing import sim_topology
 from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.loadgen import run_level
@@ -174,7 +174,7 @@ def test_devices_leased_by_another_run(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from pytest_mm27.host.gpus import lease_devices
+        from pytest_mm27.host.leases import lease_devices
         lease = lease_devices(2, kind="cpu", candidates=[0, 1], lock_dir=Path({str(tmp_path)!r}),
                               owner="pytest-mm27 other-run")
         print("held", flush=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.host.gpus import GpuInfo, check_free_memory, discover_gpus, lease_devices, parse_nvidia_smi
+from pytest_mm27.host.gpus import GpuInfo, check_free_memory, discover_gpus, parse_nvidia_smi
+from pytest_mm27.host.leases import lease_devices
 
 SMI_ROWS = (
     "0, GPU-aaaa-0000, NVIDIA RTX PRO 6000 Blackwell Workstation Edition, 97887, 3, 575.57.08\n"
@@ -102,7 +103,7 @@ def test_overlapping_lease_names_the_holder(tmp_path):
 def _hold_in_child(tmp_path: Path, devices: list[int], seconds: float) -> subprocess.Popen[str]:
     code = (
         "import sys, time\n"
-        "from pytest_mm27.host.gpus import lease_devices\n"
+        "from pytest_mm27.host.leases import lease_devices\n"
         f"lease = lease_devices({len(devices)}, kind='gpu', lock_dir={str(tmp_path)!r}, candidates={devices!r},"
         " owner='other pytest')\n"
         "print('held', flush=True)\n"

@@ -15,7 +15,9 @@ import pytest
 
 from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import LaunchError
-from pytest_mm27.host.launcher import Launcher, free_port, port_in_use, read_log_tail
+from pytest_mm27.host.launcher import Launcher
+from pytest_mm27.host.ports import free_port, port_in_use
+from pytest_mm27.host.serverlog import read_log_tail
 from pytest_mm27.catalog.topology import parse_topology
 
 # A stand-in for `vllm serve` / the simulator: stdlib only, so it starts fast.
@@ -412,7 +414,8 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_launcher import make_plan
-from pytest_mm27.host.launcher import Launcher, install_signal_handlers
+from pytest_mm27.host.exits import install_signal_handlers
+from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.catalog.topology import parse_topology
 install_signal_handlers()
 topo = parse_topology(Path({str(topology.source)!r}))

@@ -29,7 +29,7 @@ from pytest_mm27.loadgen.metrics import (
     tpot,
 )
 from pytest_mm27.loadgen.prompts import TOKEN_ID_MAX, TOKEN_ID_MIN, RequestFactory
-from pytest_mm27.loadgen.runner import parse_generation_tokens
+from pytest_mm27.loadgen.scrape import parse_generation_tokens
 from pytest_mm27.loadgen.sse import SSEParser, StreamError
 from pytest_mm27.catalog.workload import Workload
 

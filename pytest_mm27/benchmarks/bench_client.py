@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from ..catalog.workload import Workload
+from ..host.ports import free_port
 from ..loadgen import run_level
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,14 +72,6 @@ while True:
         break
 print((times[-1] - times[0]) / (len(times) - 1) * 1000 if len(times) > 1 else "nan")
 """
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def cpu_ticks(pid: int) -> float:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..host.launcher import processes_under
+from ..host.processes import processes_under
 from ..testing import floors_file, sim_topology
 
 REPO = Path(__file__).resolve().parents[2]

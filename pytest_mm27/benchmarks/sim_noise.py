@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ..gate.compare import compare_records
+from ..host.ports import free_port
 from ..records.model import REGRESSED
 from ..report.terminal import comparison_lines
-from ..host.launcher import free_port
 from ..loadgen import run_level
 from ..catalog.paths import catalog_dirs
 from ..catalog.topology import load_catalog

@@ -42,7 +42,9 @@ from ..engines import EngineOptions, VllmEngine
 from ..engines.base import split_devices
 from ..engines.vllm import provision_model
 from ..errors import Mm27Error
-from ..host.gpus import check_free_memory, lease_devices
+from ..host.exits import install_signal_handlers
+from ..host.gpus import check_free_memory
+from ..host.leases import lease_devices
 from ..host.launcher import Launcher
 from ..loadgen import run_level
 from ..catalog.paths import catalog_dirs
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write every round's figures, ours and theirs per concurrency, to PATH "
                          "(rewritten after each level, so a crash keeps the levels done)")
     args = ap.parse_args(argv)
+    # `kill PID` (SIGTERM) skips atexit: without this the vLLM server would outlive us.
+    install_signal_handlers()
 
     vllm = shlex.split(args.vllm)
     try:

@@ -8,34 +8,23 @@ serves; ``version`` asks it which vLLM it is.
 
 from __future__ import annotations
 
-import json
 import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from ..catalog.topology import Topology
 from ..errors import ConfigError, LaunchError
+from ..host.probe import get_json
 from .base import DeviceKind, EngineOptions, LaunchPlan
 
+# Longer than the launcher's health probes: a busy server may take a while to list its models.
 PROBE_TIMEOUT_S = 10.0
-
-
-def get_json(url: str, api_key: str | None, timeout: float = PROBE_TIMEOUT_S) -> Any:
-    """GET ``url`` as JSON, proxies not honoured: endpoints are reached directly, as the launcher's probes do."""
-    request = urllib.request.Request(url)
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=timeout) as resp:  # noqa: S310 - user-given http(s) URL
-        return json.loads(resp.read().decode("utf-8"))
 
 
 def served_model(endpoint: str, wanted: str, api_key: str | None) -> str:
     """The model name to send: the topology's if served, else the only one served."""
     try:
-        models = [m["id"] for m in get_json(f"{endpoint}/v1/models", api_key)["data"]]
+        models = [m["id"] for m in get_json(f"{endpoint}/v1/models", api_key, PROBE_TIMEOUT_S)["data"]]
     except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError) as exc:
         raise LaunchError(f"endpoint {endpoint} did not answer GET /v1/models: {exc}") from exc
     if wanted in models:
@@ -57,7 +46,7 @@ class EndpointEngine:
     def version(self, options: EngineOptions) -> str | None:
         """The server's ``/version`` (vLLM answers it), else None."""
         try:
-            return str(get_json(f"{options.endpoints[0]}/version", options.api_key).get("version"))
+            return str(get_json(f"{options.endpoints[0]}/version", options.api_key, PROBE_TIMEOUT_S).get("version"))
         except (OSError, urllib.error.URLError, ValueError, AttributeError, IndexError):
             return None
 

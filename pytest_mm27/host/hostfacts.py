@@ -23,6 +23,8 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypedDict, TypeVar
 
+from .gpus import nvml_text
+
 # The probe imports torch, which can take tens of seconds on a cold disk.
 ENGINE_PROBE_TIMEOUT_S = 60.0
 
@@ -135,10 +137,6 @@ def _memory_total_gib() -> float:
     return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _cuda_version(packed: int) -> str:
     """NVML packs the CUDA version the driver supports as 1000 * major + 10 * minor."""
     return f"{packed // 1000}.{packed % 1000 // 10}"
@@ -150,8 +148,8 @@ def _clock(query: str, domain: str) -> Callable[[Any, Any], int]:
 
 # (key, read(nvml, handle)), one NVML call each, so one unsupported call costs one fact
 _GPU_READS: tuple[tuple[str, Callable[[Any, Any], Any]], ...] = (
-    ("name", lambda nvml, h: _text(nvml.nvmlDeviceGetName(h))),
-    ("uuid", lambda nvml, h: _text(nvml.nvmlDeviceGetUUID(h))),
+    ("name", lambda nvml, h: nvml_text(nvml.nvmlDeviceGetName(h))),
+    ("uuid", lambda nvml, h: nvml_text(nvml.nvmlDeviceGetUUID(h))),
     ("memory_total_mib", lambda nvml, h: int(nvml.nvmlDeviceGetMemoryInfo(h).total // 2**20)),
     ("max_sm_clock_mhz", _clock("nvmlDeviceGetMaxClockInfo", "NVML_CLOCK_SM")),
     ("max_mem_clock_mhz", _clock("nvmlDeviceGetMaxClockInfo", "NVML_CLOCK_MEM")),
@@ -185,7 +183,7 @@ def _nvml_facts(gpus: Sequence[int], read: _Reader) -> tuple[str | None, str | N
         read.miss("nvml", f"NVML unavailable: {type(exc).__name__}: {exc}")
         return None, None, [_blank_gpu(i) for i in gpus]
     try:
-        driver = read("driver", lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
+        driver = read("driver", lambda: nvml_text(pynvml.nvmlSystemGetDriverVersion()))
         cuda_driver = read("cuda_driver", lambda: _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion()))
         out = []
         for pos, index in enumerate(gpus):

@@ -3,148 +3,50 @@
 Each server is a child in its own session (so its process group holds it and
 everything it spawns), writing stdout+stderr to one log file per server. A
 child that exits during start-up fails the boot within about a second, with
-its exit code and log tail. Teardown signals whole process groups (SIGTERM,
-then SIGINT, then SIGKILL), verifies through ``/proc`` that nothing of them
-is left, and removes the shared-memory files and temp folders the servers
-left behind. An ``atexit`` hook stops whatever is still running, so a
-crashed run never leaves GPU-holding orphans.
+its exit code and log tail. Teardown signals whole process families
+(SIGTERM, then SIGINT, then SIGKILL; :mod:`.processes`), verifies that
+nothing of them is left, and removes the shared-memory files and temp
+folders the servers left behind (:mod:`.cleanup`). Launchers still running
+when Python exits are stopped by :mod:`.exits`, so a crashed run never
+leaves GPU-holding orphans.
 
-No pytest here: the plugin's fixture is ``with Launcher(plan, log_dir) as l:``.
+No pytest here. For the plugin, :mod:`pytest_mm27.harness` drives it step
+by step: ``start()`` and ``wait_healthy()`` when a topology's first level
+needs it, ``check_alive()`` around each level, ``stop()`` before the next
+topology boots or when the session ends. Scripts write
+``with Launcher(plan, log_dir) as launcher:``.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import errno
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..engines.base import LaunchPlan, ServerSpec
 from ..errors import LaunchError
-from .gpus import discover_gpus
+from . import cleanup, exits, probe
+from .gpus import memory_not_freed
+from .ports import pick_port, port_in_use
+from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
+from .serverlog import LOG_TAIL_LINES, open_log, read_log_tail
 
-__all__ = [
-    "Launcher",
-    "TeardownReport",
-    "free_port",
-    "install_signal_handlers",
-    "processes_under",
-    "port_in_use",
-    "stop_all",
-]
+__all__ = ["Launcher", "TeardownReport"]
 
-LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.2
-PROBE_TIMEOUT_S = 1.0               # short, so a dead child is noticed within ~1 s
 DEFAULT_GRACE_S = 10.0
 KILL_WAIT_S = 5.0
 GPU_FREE_WAIT_S = 10.0              # the driver frees memory shortly after the process is gone
-GPU_FREE_THRESHOLD_MB = 1024
 
-# Shared-memory and temp files vLLM, torch, NCCL and OpenMP create; only new
-# ones owned by us and no longer open or mapped by any process are removed.
-# Not sem.*: a named semaphore is mapped under a temporary name before it is
-# linked, so "not mapped" cannot be proven, and its creator unlinks it anyway.
-SHM_NAME_RE = re.compile(r"^(psm_|torch_|vllm|nccl|__KMP_REGISTERED_LIB)", re.I)
-TMP_GLOBS = ("vllm_dist_*",)
-SHM_DIR = Path("/dev/shm")
 ADDR_IN_USE_RE = re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)
-
-
-# --- ports ----------------------------------------------------------------
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on ``host`` right now (the OS picks it)."""
-    host = host.strip("[]")
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether a server could not bind ``host:port`` (it is taken).
-
-    Binds with SO_REUSEADDR as servers do, so a port in TIME_WAIT counts as free.
-    """
-    host = host.strip("[]")
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
-
-
-# --- /proc ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Proc:
-    pid: int
-    state: str
-    ppid: int
-    pgid: int
-    sid: int
-    start: int                      # start time in clock ticks: (pid, start) is unique
-
-    @property
-    def alive(self) -> bool:
-        return self.state not in ("Z", "X", "x")
-
-
-def _read_stat(pid: int) -> _Proc | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
-    except OSError:
-        return None
-    rest = raw[raw.rfind(")") + 2:].split()
-    try:
-        return _Proc(pid, rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def _scan() -> dict[int, _Proc]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            proc = _read_stat(int(entry))
-            if proc is not None:
-                out[proc.pid] = proc
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200] or "?"
-
-
-def _describe(pid: int) -> str:
-    return f"pid {pid} ({_cmdline(pid)})"
 
 
 # --- reports --------------------------------------------------------------
@@ -182,114 +84,7 @@ class TeardownReport:
         return text
 
 
-def processes_under(path: Path) -> list[str]:
-    """Live processes whose working folder is ``path`` or below: what a run started there left.
-
-    Tests and the fault suite use it to prove teardown left nothing running.
-    """
-    found = []
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2:].startswith("Z"):
-            continue
-        if cwd == str(path) or cwd.startswith(str(path) + os.sep):
-            found.append(f"{pid}: {cmd.strip()[:160]}")
-    return found
-
-
-def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 256 * 1024))
-            data = fh.read()
-    except OSError as exc:
-        return f"(cannot read {path}: {exc.strerror or exc})"
-    text = data.decode(errors="replace").rstrip("\n")
-    return "\n".join(text.splitlines()[-lines:]) if text else "(log is empty)"
-
-
-def _exit_status(popen: subprocess.Popen[bytes]) -> int | None:
-    """The child's exit status without reaping it (Popen style: -N for signal N).
-
-    The zombie keeps its pid, and so its process group id, reserved until
-    stop() has verified the group is empty; a reused pid can then never be
-    mistaken for one of ours.
-    """
-    if popen.returncode is not None:
-        return popen.returncode
-    try:
-        info = os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return popen.poll()
-    if info is None or info.si_pid == 0:
-        return None
-    if info.si_code == os.CLD_EXITED:
-        return info.si_status
-    return -info.si_status
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 # --- the launcher ---------------------------------------------------------
-
-_live: set[Launcher] = set()
-_live_lock = threading.Lock()
-
-
-def stop_all() -> list[TeardownReport]:
-    """Stop every launcher still running (atexit and signal handlers call this)."""
-    with _live_lock:
-        launchers = list(_live)
-    return [launcher.stop() for launcher in launchers]
-
-
-atexit.register(stop_all)
-
-
-_handled_signals: set[int] = set()
-
-
-def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGHUP)) -> None:
-    """Stop all servers when this process is told to exit, then exit as asked.
-
-    Optional (a library should not take signals over on import); the plugin
-    calls it once from the main thread. Earlier handlers still run afterwards.
-    """
-    for sig in signals:
-        if sig in _handled_signals:
-            continue
-        _handled_signals.add(sig)
-        previous = signal.getsignal(sig)
-
-        def handler(signum: int, frame: Any, _previous: Any = previous) -> None:
-            stop_all()
-            if callable(_previous):
-                _previous(signum, frame)
-            elif _previous != signal.SIG_IGN:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-
-        signal.signal(sig, handler)
-
 
 @dataclass
 class _Server:
@@ -301,7 +96,7 @@ class _Server:
     healthy: bool = False
     last_probe: str = "not probed yet"
     retried: bool = False
-    family: dict[int, int] = field(default_factory=dict)    # pid -> start ticks, all ever seen
+    family: Family | None = None        # its processes, from the spawn on
     tmp_dir: Path | None = None         # the server's own TMPDIR (spec.private_tmp)
 
 
@@ -320,11 +115,9 @@ class Launcher:
         self.grace_s = grace_s
         self.teardown: TeardownReport | None = None
         self._servers: list[_Server] = []
-        self._shm_before: set[str] = set()
-        self._tmp_before: set[str] = set()
+        self._before: cleanup.Snapshot | None = None     # taken at start: what cleanup leaves alone
         self._started = False
         self._stopping = False
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # -- public ------------------------------------------------------------
 
@@ -387,10 +180,10 @@ class Launcher:
         """Raise :class:`LaunchError` with the log tail if a server has died."""
         dead = []
         for server in self._servers:
-            if server.popen is None:
+            if server.popen is None or server.family is None:
                 continue
-            self._remember_family(server)
-            code = _exit_status(server.popen)
+            server.family.remember()
+            code = exit_status(server.popen)
             if code is not None:
                 dead.append(self._death_text(server, code, during="while serving"))
         if dead:
@@ -411,8 +204,7 @@ class Launcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            with _live_lock:
-                _live.discard(self)
+            exits.untrack(self)
             self._stopping = False
         report.seconds = time.monotonic() - t0
         self.teardown = report
@@ -422,8 +214,7 @@ class Launcher:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._shm_before = _listdir(SHM_DIR)
-        self._tmp_before = _tmp_entries()
+        self._before = cleanup.snapshot()
         taken: set[int] = set()
         for spec in self.plan.servers:
             if spec.port:
@@ -434,22 +225,13 @@ class Launcher:
         for i, spec in enumerate(self.plan.servers):
             picked = spec.port == 0
             if picked:
-                spec = spec.with_port(self._pick_port(spec.host, taken))
+                spec = spec.with_port(pick_port(spec.host, taken))
                 self.plan = self.plan.with_server(i, spec)
             taken.add(spec.port)
             self._servers.append(_Server(spec=spec, picked_port=picked, log_path=self.log_dir / f"{spec.name}.log"))
-        with _live_lock:
-            _live.add(self)
+        exits.track(self)
         for server in self._servers:
             self._spawn(server, first=True)
-
-    @staticmethod
-    def _pick_port(host: str, avoid: set[int]) -> int:
-        for _ in range(50):
-            port = free_port(host)
-            if port not in avoid:
-                return port
-        raise LaunchError(f"could not find a free port on {host}")
 
     def _spawn(self, server: _Server, *, first: bool) -> None:
         spec = server.spec
@@ -460,19 +242,7 @@ class Launcher:
                 # TMPDIR and a socket path may not exceed 107 bytes.
                 server.tmp_dir = Path(tempfile.mkdtemp(prefix=f"mm27-{spec.name}-"))
             env["TMPDIR"] = str(server.tmp_dir)
-        header = [
-            f"# mm27: server {spec.name} ({self.plan.engine} engine, topology {self.plan.topology.name})",
-            f"# mm27: command: {spec.command_line()}",
-            f"# mm27: env added: {json.dumps(spec.redacted_env(), sort_keys=True)}",
-            f"# mm27: devices: {list(spec.gpus)}  url: {spec.base_url}",
-            *([f"# mm27: TMPDIR: {server.tmp_dir}"] if server.tmp_dir else []),
-            f"# mm27: started {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        ]
-        with server.log_path.open("w" if first else "a", encoding="utf-8") as fh:
-            if not first:
-                fh.write(f"\n# mm27: ---- retry on port {spec.port} ----\n")
-            fh.write("\n".join(header) + "\n")
-            fh.flush()
+        with open_log(server.log_path, spec, self.plan, server.tmp_dir, retry=not first) as fh:
             try:
                 server.popen = subprocess.Popen(
                     list(spec.argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
@@ -484,8 +254,8 @@ class Launcher:
         server.started_at = time.monotonic()
         server.healthy = False
         server.last_probe = "not probed yet"
-        server.family = {}
-        self._remember_family(server)
+        server.family = Family(server.popen.pid)
+        server.family.remember()
 
     # -- health ----------------------------------------------------------------
 
@@ -495,13 +265,14 @@ class Launcher:
         last_family_scan = 0.0
         while True:
             now = time.monotonic()
-            scan = now - last_family_scan >= 1.0
-            if scan:
+            table = None
+            if now - last_family_scan >= 1.0:
                 last_family_scan = now
+                table = process_table()
             for i, server in enumerate(self._servers):
                 self._check_exited(i, server)       # healthy ones too: any death fails the boot
-                if scan:
-                    self._remember_family(server)
+                if table is not None and server.family is not None:
+                    server.family.remember(table)
                 if not server.healthy:
                     self._probe(server)
             if all(s.healthy for s in self._servers):
@@ -512,7 +283,7 @@ class Launcher:
 
     def _check_exited(self, index: int, server: _Server) -> None:
         assert server.popen is not None
-        code = _exit_status(server.popen)
+        code = exit_status(server.popen)
         if code is None:
             return
         tail = read_log_tail(server.log_path, 200)
@@ -521,7 +292,7 @@ class Launcher:
             server.retried = True
             self._kill_now(server)
             taken = {s.spec.port for s in self._servers}
-            spec = server.spec.with_port(self._pick_port(server.spec.host, taken))
+            spec = server.spec.with_port(pick_port(server.spec.host, taken))
             self.plan = self.plan.with_server(index, spec)
             server.spec = spec
             self._spawn(server, first=False)
@@ -530,48 +301,31 @@ class Launcher:
 
     def _probe(self, server: _Server) -> None:
         spec = server.spec
-        status, body, why = self._get(spec, "/health")
-        if status != 200:
-            server.last_probe = f"GET /health: {why}"
+        health = probe.get(spec.base_url + "/health")
+        if health.status != 200:
+            server.last_probe = f"GET /health: {health.why}"
             return
         assert server.popen is not None
-        if _exit_status(server.popen) is not None:
+        if exit_status(server.popen) is not None:
             return                  # exited between the checks; noticed next round
-        status, body, why = self._get(spec, "/v1/models", auth=True)
-        if status in (401, 403):
-            raise LaunchError(f"server {spec.name} refused GET /v1/models with HTTP {status}: "
+        models = probe.get(spec.base_url + "/v1/models", spec.api_key)
+        if models.status in (401, 403):
+            raise LaunchError(f"server {spec.name} refused GET /v1/models with HTTP {models.status}: "
                               f"the API key the harness sends does not match the server's")
-        if status != 200:
-            server.last_probe = f"GET /v1/models: {why}"
+        if models.status != 200:
+            server.last_probe = f"GET /v1/models: {models.why}"
             return
-        served = _model_ids(body)
+        served = _model_ids(models.body)
         if self.plan.model and served is not None and self.plan.model not in served:
             raise LaunchError(f"server {spec.name} is up but does not serve model {self.plan.model!r} "
                               f"(it serves: {', '.join(served) or 'nothing'}); check served_name")
         server.healthy = True
         server.last_probe = "healthy"
 
-    def _get(self, spec: ServerSpec, path: str, auth: bool = False) -> tuple[int | None, bytes, str]:
-        request = urllib.request.Request(spec.base_url + path)
-        if auth and spec.api_key:
-            request.add_header("Authorization", f"Bearer {spec.api_key}")
-        try:
-            with self._opener.open(request, timeout=PROBE_TIMEOUT_S) as resp:
-                return resp.status, resp.read(1 << 20), f"HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            return exc.code, b"", f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, ConnectionRefusedError):
-                return None, b"", "connection refused (not listening yet)"
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                return None, b"", f"no answer within {PROBE_TIMEOUT_S:g} s"
-            return None, b"", str(reason)
-
     def _death_text(self, server: _Server, code: int, *, during: str) -> str:
         spec = server.spec
         age = time.monotonic() - server.started_at
-        return (f"server {spec.name} exited {during} ({_exit_text(code)}, {age:.1f} s after start)\n"
+        return (f"server {spec.name} exited {during} ({exit_text(code)}, {age:.1f} s after start)\n"
                 f"command: {spec.command_line()}\n"
                 f"--- last {LOG_TAIL_LINES} lines of {server.log_path} ---\n"
                 f"{read_log_tail(server.log_path)}")
@@ -589,107 +343,38 @@ class Launcher:
 
     # -- stop ------------------------------------------------------------------
 
-    def _remember_family(self, server: _Server, table: dict[int, _Proc] | None = None) -> None:
-        """Record the child's group and every descendant, even ones that setsid()."""
-        if server.popen is None:
-            return
-        table = table if table is not None else _scan()
-        root = server.popen.pid
-        for proc in table.values():
-            if proc.pgid == root or proc.sid == root:
-                server.family.setdefault(proc.pid, proc.start)
-        children: dict[int, list[int]] = {}
-        for proc in table.values():
-            children.setdefault(proc.ppid, []).append(proc.pid)
-        stack = [pid for pid in server.family if pid in table and server.family[pid] == table[pid].start]
-        stack.append(root)
-        seen: set[int] = set()
-        while stack:
-            pid = stack.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            if pid in table:
-                server.family.setdefault(pid, table[pid].start)
-            stack.extend(children.get(pid, ()))
-
-    def _alive_members(self, server: _Server, table: dict[int, _Proc]) -> list[int]:
-        """Live processes of the server: its group/session and recorded family."""
-        if server.popen is None:
+    def _signal_and_wait(self, servers: list[_Server], sig: int, until: float) -> list[_Server]:
+        """Send ``sig`` to every process of ``servers``; those with some left at ``until``."""
+        families = [s.family for s in servers if s.family is not None]
+        if not families:
             return []
-        root = server.popen.pid
-        out = []
-        for proc in table.values():
-            if not proc.alive:
-                continue
-            ours = proc.pgid == root or proc.sid == root or server.family.get(proc.pid) == proc.start
-            if ours:
-                out.append(proc.pid)
-        return out
-
-    def _signal(self, server: _Server, sig: int, table: dict[int, _Proc]) -> None:
-        assert server.popen is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server.popen.pid, sig)
-        for pid in self._alive_members(server, table):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+        table = process_table()
+        for family in families:
+            family.remember(table)
+            family.signal(sig, table)
+        left = wait_gone(families, until)
+        return [s for s in servers if s.family in left]
 
     def _kill_now(self, server: _Server) -> None:
         """SIGKILL a failed attempt's whole family and reap it (before a retry)."""
         assert server.popen is not None
-        table = _scan()
-        self._remember_family(server, table)
-        self._signal(server, signal.SIGKILL, table)
-        self._wait_gone([server], time.monotonic() + KILL_WAIT_S)
+        self._signal_and_wait([server], signal.SIGKILL, time.monotonic() + KILL_WAIT_S)
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.popen.wait(timeout=1.0)
-
-    def _wait_gone(self, servers: list[_Server], until: float) -> list[_Server]:
-        """Servers with live processes left at ``until`` (reaping our children)."""
-        while True:
-            table = _scan()
-            left = []
-            for server in servers:
-                if self._alive_members(server, table):
-                    left.append(server)
-            if not left or time.monotonic() >= until:
-                return left
-            time.sleep(0.05)
 
     def _stop(self) -> TeardownReport:
         running = [s for s in self._servers if s.popen is not None]
         exit_codes: dict[str, int | None] = {}
-        killed: list[str] = []
         errors: list[str] = []
-        if running:
-            table = _scan()
-            for server in running:
-                self._remember_family(server, table)
-            for server in running:
-                self._signal(server, signal.SIGTERM, table)
-            start = time.monotonic()
-            left = self._wait_gone(running, start + self.grace_s / 2)
-            if left:
-                table = _scan()
-                for server in left:
-                    self._remember_family(server, table)
-                    self._signal(server, signal.SIGINT, table)
-                left = self._wait_gone(left, start + self.grace_s)
-            if left:
-                table = _scan()
-                for server in left:
-                    self._remember_family(server, table)
-                    self._signal(server, signal.SIGKILL, table)
-                    killed.append(server.spec.name)
-                left = self._wait_gone(left, time.monotonic() + KILL_WAIT_S)
+        start = time.monotonic()
+        left = self._signal_and_wait(running, signal.SIGTERM, start + self.grace_s / 2)
+        left = self._signal_and_wait(left, signal.SIGINT, start + self.grace_s)
+        killed = [s.spec.name for s in left]
+        self._signal_and_wait(left, signal.SIGKILL, time.monotonic() + KILL_WAIT_S)
         # Verify (before reaping, while our pids are still reserved): nothing of
         # any group, session or recorded family survives.
-        table = _scan()
-        leftovers = []
-        for server in running:
-            for pid in self._alive_members(server, table):
-                leftovers.append(f"{server.spec.name}: {_describe(pid)}")
+        table = process_table() if running else {}
+        leftovers = [f"{s.spec.name}: {describe(pid)}" for s in running if s.family for pid in s.family.alive(table)]
         for server in running:
             assert server.popen is not None
             try:
@@ -697,7 +382,10 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 errors.append(f"{server.spec.name}: pid {server.popen.pid} did not exit")
             exit_codes[server.spec.name] = server.popen.returncode
-        removed, clean_errors = self._clean_files() if self._started else ([], [])
+        removed, clean_errors = [], []
+        if self._before is not None:
+            private_tmp = [s.tmp_dir for s in self._servers if s.tmp_dir is not None]
+            removed, clean_errors = cleanup.remove_leftovers(self._before, private_tmp)
         gpu_memory = self._gpu_memory_left(running) if running else {}
         if gpu_memory:
             errors.append("GPU memory still in use after teardown: "
@@ -713,47 +401,7 @@ class Launcher:
         owned = {g for s in servers for g in s.spec.gpus}
         if not owned:
             return {}
-        deadline = time.monotonic() + GPU_FREE_WAIT_S
-        while True:
-            left = {g.index: g.memory_used_mb for g in discover_gpus()
-                    if g.index in owned and g.memory_used_mb > GPU_FREE_THRESHOLD_MB}
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.5)
-
-    def _clean_files(self) -> tuple[list[str], list[str]]:
-        candidates: list[Path] = []
-        # Segments named after a vllm_dist_<hex> folder of one of our servers'
-        # own TMPDIRs are theirs, whenever they were made (TP=2 on CPU leaves
-        # /dev/shm/vllm_dist_<hex>-tp:... behind).
-        dist_names = tuple(p.name for s in self._servers if s.tmp_dir for p in s.tmp_dir.glob("vllm_dist_*"))
-        for name in sorted(_listdir(SHM_DIR)):
-            new_and_known = name not in self._shm_before and SHM_NAME_RE.match(name)
-            if new_and_known or (dist_names and name.startswith(dist_names)):
-                candidates.append(SHM_DIR / name)
-        tmp = Path(tempfile.gettempdir())
-        for name in sorted(_tmp_entries() - self._tmp_before):
-            candidates.append(tmp / name)
-        candidates += [s.tmp_dir for s in self._servers if s.tmp_dir is not None and s.tmp_dir.exists()]
-        candidates = [p for p in candidates if _owned_by_us(p)]
-        if not candidates:
-            return [], []
-        in_use = _paths_in_use()
-        removed, errors = [], []
-        for path in candidates:
-            if any(u == str(path) or u.startswith(str(path) + "/") for u in in_use):
-                continue            # another live process (another run) still uses it
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(str(path))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                errors.append(f"cannot remove {path}: {exc.strerror or exc}")
-        return removed, errors
+        return memory_not_freed(owned, GPU_FREE_WAIT_S)
 
 
 def _model_ids(body: bytes) -> list[str] | None:
@@ -762,47 +410,3 @@ def _model_ids(body: bytes) -> list[str] | None:
         return [str(m["id"]) for m in data["data"]]
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _listdir(path: Path) -> set[str]:
-    try:
-        return set(os.listdir(path))
-    except OSError:
-        return set()
-
-
-def _tmp_entries() -> set[str]:
-    tmp = Path(tempfile.gettempdir())
-    return {p.name for pattern in TMP_GLOBS for p in tmp.glob(pattern)}
-
-
-def _owned_by_us(path: Path) -> bool:
-    try:
-        return path.lstat().st_uid == os.getuid()
-    except OSError:
-        return False
-
-
-def _paths_in_use() -> set[str]:
-    """Files under /dev/shm or the temp folder that live processes hold open or mapped."""
-    roots = (str(SHM_DIR) + "/", tempfile.gettempdir().rstrip("/") + "/")
-    used: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        base = f"/proc/{entry}"
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"{base}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"{base}/fd/{fd}")
-                    if target.startswith(roots):
-                        used.add(target.removesuffix(" (deleted)"))
-        with contextlib.suppress(OSError):
-            with open(f"{base}/maps", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    idx = line.find("/")
-                    if idx >= 0:
-                        target = line[idx:].rstrip("\n")
-                        if target.startswith(roots):
-                            used.add(target.removesuffix(" (deleted)"))
-    return used

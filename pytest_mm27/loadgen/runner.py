@@ -49,8 +49,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiohttp
-
 from ..errors import LoadError
 from ..catalog.workload import Workload
 from .client import (
@@ -63,12 +61,12 @@ from .client import (
 )
 from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, SteadyWindow, compute_level_metrics
 from .prompts import RequestFactory
+from .scrape import scrape_tokens, server_delta
 from .steady import CHECK_INTERVAL_S, TIMED_OUT, SteadySlots, WindowClock, WindowRule
 
 AUTO_WORKERS_FROM = 256
 SLOTS_PER_WORKER = 256
 WORKER_START_TIMEOUT_S = 60.0
-METRIC_NAME = "vllm:generation_tokens_total"
 
 
 def usable_cpus() -> int:
@@ -102,60 +100,6 @@ def shift_records(records: list[RequestRecord], delta: float) -> None:
         r.sent += delta
         r.end += delta
         r.chunk_times = [t + delta for t in r.chunk_times]
-
-
-# --- /metrics cross-check ---
-
-def parse_generation_tokens(text: str) -> float | None:
-    """Sum of ``vllm:generation_tokens_total`` over all its label sets; None if absent."""
-    total = None
-    for line in text.splitlines():
-        if not line.startswith(METRIC_NAME):
-            continue
-        rest = line[len(METRIC_NAME):]
-        if rest and rest[0] not in "{ ":
-            continue  # another metric sharing the prefix
-        try:
-            value = float(rest.rsplit("}", 1)[-1].split()[0])
-        except (IndexError, ValueError):
-            continue
-        total = (total or 0.0) + value
-    return total
-
-
-async def scrape_tokens(session: aiohttp.ClientSession, endpoints: Sequence[str]) -> float | None:
-    """Server-side generated tokens summed over endpoints; None if any lacks the metric."""
-    total = 0.0
-    for ep in dict.fromkeys(endpoints):  # the same server listed twice counts once
-        try:
-            async with asyncio.timeout(5.0):
-                async with session.get(ep.rstrip("/") + "/metrics") as resp:
-                    if resp.status != 200:
-                        return None
-                    value = parse_generation_tokens(await resp.text())
-        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
-            return None
-        if value is None:
-            return None
-        total += value
-    return total
-
-
-async def server_delta(session, endpoints, before: float | None, expect: int) -> int | None:
-    """Tokens the servers counted in the window; re-scrapes briefly while short of
-    ``expect``, because servers may bump the counter just after the stream ends."""
-    if before is None:
-        return None
-    delta = None
-    for attempt in range(6):
-        after = await scrape_tokens(session, endpoints)
-        if after is None:
-            return None
-        delta = int(round(after - before))
-        if delta >= expect:
-            break
-        await asyncio.sleep(0.2)
-    return delta
 
 
 # --- the level ---
