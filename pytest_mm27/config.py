@@ -1,8 +1,8 @@
 """The harness's settings: CLI > ini > defaults, parsed and validated once.
 
 No pytest imports: the plugin hands in a getter that applies that precedence.
-The ``parse_*`` functions double as argparse ``type=`` callbacks so bad values
-stop the run before anything boots.
+Values are checked by ``parsing``'s validators (the argparse ``type=``
+callbacks of the options), so bad input stops the run before anything boots.
 """
 
 from __future__ import annotations
@@ -10,130 +10,23 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .engines import ENGINE_CHOICES
+from .engines import parse_engine
 from .gate.specs import parse_tolerances
+from .parsing import (
+    parse_concurrency, parse_endpoint, parse_error_rate, parse_positive_float,
+    parse_positive_int, parse_precision, parse_sim_fault, split_names,
+)
 from .errors import ConfigError
 
 # A baseline carries the trial-to-trial noise its later comparisons stand on;
 # three trials are the fewest that measure it. --trials overrides.
 BASELINE_TRIALS = 3
-# Simulator fault knobs a user may set with --sim-fault NAME=VALUE.
-SIM_FAULTS: Mapping[str, Callable[[str], float | int]] = MappingProxyType({
-    "slowdown": float, "error-rate": float, "crash-after": int, "hang-after": int, "startup-delay": float,
-    "startup-crash": float, "malformed-sse-rate": float, "cut-stream-rate": float,
-})
-
-
-def split_names(values: Iterable[str] | str | None) -> tuple[str, ...]:
-    """``--topology a,b --topology c`` and ini lines -> ('a', 'b', 'c')."""
-    if values is None:
-        return ()
-    if isinstance(values, str):
-        values = [values]
-    out: list[str] = []
-    for value in values:
-        out.extend(part.strip() for part in value.replace("\n", ",").split(",") if part.strip())
-    return tuple(dict.fromkeys(out))
-
-
-def parse_concurrency(text: str) -> tuple[int, ...]:
-    levels: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"concurrency levels must be positive integers, got {part!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"concurrency levels must be positive integers, got {value}")
-        levels.append(value)
-    if not levels:
-        raise argparse.ArgumentTypeError("no concurrency levels given")
-    return tuple(sorted(set(levels)))
-
-
-def parse_engine(text: str) -> str:
-    if text not in ENGINE_CHOICES:
-        raise argparse.ArgumentTypeError(f"unknown engine {text!r}; choose from {', '.join(ENGINE_CHOICES)}")
-    return text
-
-
-def parse_endpoint(text: str) -> str:
-    url = text.strip().rstrip("/")
-    if not (url.startswith("http://") or url.startswith("https://")):
-        raise argparse.ArgumentTypeError(f"endpoint must be an http(s) URL, got {text!r}")
-    if url.endswith("/v1"):
-        url = url[:-3]
-    return url
-
-
-def parse_fraction(text: str, what: str = "value") -> float:
-    """``0.05`` or ``5%``: a share between 0 and 1."""
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be a number like 0.01 or 1%, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{what} must be between 0 and 1, got {text!r}")
-    return value
-
-
-def parse_error_rate(text: str) -> float:
-    return parse_fraction(text, "error rate")
-
-
-def parse_sim_fault(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    name = name.strip().replace("_", "-")
-    if not sep or name not in SIM_FAULTS:
-        raise argparse.ArgumentTypeError(
-            f"sim fault must be NAME=VALUE with NAME one of {', '.join(SIM_FAULTS)}; got {text!r}")
-    try:
-        SIM_FAULTS[name](value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sim fault {name} needs a number, got {value!r}") from None
-    return name, value.strip()
-
-
-def parse_precision(text: str) -> float:
-    """``1%`` or ``0.01``: the relative half-width of the 95 % interval a steady window aims for."""
-    raw = text.strip()
-    try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"precision must be a percentage like 1% or a fraction like 0.01, "
-                                         f"got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"precision must be above 0 and below 100%, got {text!r}")
-    return value
-
-
-def parse_positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def parse_positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from pytest_mm27.benchmarks.synthetic import make_record
 from pytest_mm27.gate.compare import compare_records
 from pytest_mm27.gate.specs import DEFAULT_TOLERANCES, parse_tolerances
-from pytest_mm27.gate.stats import t_ppf
+from pytest_mm27.stats import t_ppf
 from pytest_mm27.records.model import IMPROVED, INVALID, MISSING, OK, REGRESSED, SWEEP
 from pytest_mm27.report.terminal import comparison_lines
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
+from pytest_mm27.host.plan import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import LaunchError
 from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.host.ports import free_port, port_in_use

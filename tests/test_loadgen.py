@@ -19,15 +19,8 @@ from aiohttp import web
 from pytest_mm27.errors import LoadError
 from pytest_mm27.loadgen import LevelMetrics, Percentiles, RequestRecord, run_level
 from pytest_mm27.loadgen.client import LEVEL_TIMEOUT_REASON, LeastOutstanding
-from pytest_mm27.loadgen.metrics import (
-    SelfMeasurement,
-    compute_level_metrics,
-    itls,
-    percentile,
-    steady_window,
-    tokens_in_window,
-    tpot,
-)
+from pytest_mm27.loadgen.metrics import SelfMeasurement, compute_level_metrics
+from pytest_mm27.loadgen.samples import itls, percentile, steady_window, tokens_in_window, tpot
 from pytest_mm27.loadgen.prompts import TOKEN_ID_MAX, TOKEN_ID_MIN, RequestFactory
 from pytest_mm27.loadgen.scrape import parse_generation_tokens
 from pytest_mm27.loadgen.sse import SSEParser, StreamError

@@ -22,7 +22,7 @@ from pytest_mm27.engines import (
     select_engine,
 )
 from pytest_mm27.engines import vllm as vllm_engine
-from pytest_mm27.engines.base import LaunchPlan, ServerSpec, make_base_url
+from pytest_mm27.host.plan import LaunchPlan, ServerSpec, make_base_url
 from pytest_mm27.errors import ConfigError, LaunchError
 from pytest_mm27.host.launcher import Launcher
 from pytest_mm27.catalog.paths import catalog_dirs

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..loadgen.metrics import Percentiles
+from ..loadgen.samples import Percentiles
 
 # Without --save-detailed none of these is saved; each must be there.
 PER_REQUEST = ("start_times", "ttfts", "itls", "input_lens", "output_lens", "errors")

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import parse_concurrency
+from ..parsing import parse_concurrency
 from ..engines import EngineOptions, VllmEngine
 from ..engines.base import split_devices
 from ..engines.vllm import provision_model
@@ -233,7 +233,7 @@ def paired(label: str, ours_values: list[float], theirs_values: list[float]) -> 
     """Rounds alternate, so each (ours, theirs) pair saw the same server state: the
     mean of the per-round log ratios and its 95% t interval say whether the clients
     differ by more than the server's own round-to-round drift."""
-    from ..gate.stats import t_ppf
+    from ..stats import t_ppf
     logs = [math.log(a / b) for a, b in zip(ours_values, theirs_values) if a > 0 and b > 0]
     if len(logs) < 3:
         return f"paired {label}: too few rounds"

@@ -8,13 +8,14 @@ servers given by URL: its plan starts no process.
 
 from __future__ import annotations
 
+import argparse
+
 from ..errors import ConfigError
 from ..catalog.topology import Topology
+from ..host.plan import LaunchPlan, ServerSpec
 from .base import (
     Engine,
     EngineOptions,
-    LaunchPlan,
-    ServerSpec,
     split_devices,
 )
 from .endpoint import EndpointEngine
@@ -32,12 +33,20 @@ __all__ = [
     "SimEngine",
     "VllmEngine",
     "get_engine",
+    "parse_engine",
     "select_engine",
     "split_devices",
 ]
 
 ENGINES: dict[str, type] = {"vllm": VllmEngine, "sim": SimEngine, "endpoint": EndpointEngine}
 ENGINE_CHOICES = ("auto", *ENGINES)
+
+
+def parse_engine(text: str) -> str:
+    """An ``--engine`` value (argparse ``type=``): ``auto`` or one of the engines."""
+    if text not in ENGINE_CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown engine {text!r}; choose from {', '.join(ENGINE_CHOICES)}")
+    return text
 
 
 def get_engine(name: str) -> Engine:

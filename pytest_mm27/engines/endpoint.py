@@ -15,7 +15,8 @@ from dataclasses import replace
 from ..catalog.topology import Topology
 from ..errors import ConfigError, LaunchError
 from ..host.probe import get_json
-from .base import DeviceKind, EngineOptions, LaunchPlan
+from ..host.plan import LaunchPlan
+from .base import DeviceKind, EngineOptions
 
 # Longer than the launcher's health probes: a busy server may take a while to list its models.
 PROBE_TIMEOUT_S = 10.0

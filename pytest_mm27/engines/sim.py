@@ -17,15 +17,13 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError
 from ..catalog.topology import Topology
+from ..host.plan import LaunchPlan, ServerSpec, make_base_url
 from .base import (
     DeviceKind,
     EngineOptions,
-    LaunchPlan,
-    ServerSpec,
     check_devices,
     check_ports,
     frozen_env,
-    make_base_url,
     server_name,
     startup_timeout,
 )

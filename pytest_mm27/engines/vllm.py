@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import re
 import shutil
@@ -21,17 +20,17 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from filelock import FileLock
+
 from ..errors import ConfigError, LaunchError
 from ..catalog.topology import Topology
+from ..host.plan import LaunchPlan, ServerSpec, make_base_url
 from .base import (
     DeviceKind,
     EngineOptions,
-    LaunchPlan,
-    ServerSpec,
     check_devices,
     check_ports,
     frozen_env,
-    make_base_url,
     server_name,
     startup_timeout,
 )
@@ -159,8 +158,7 @@ def provision_model(topology: Topology, vllm_command: Sequence[str], cache_dir: 
     folder = Path(cache_dir or model_cache_dir()) / make
     if not tinymodel.is_complete(folder, spec):
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f".{make}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(folder.parent / f".{make}.lock"):
             if not tinymodel.is_complete(folder, spec):
                 _make_model(folder, make, vllm_python(vllm_command))
     return dataclasses.replace(topology, model=dataclasses.replace(topology.model, name=str(folder)))

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..records.model import LevelResult, RunRecord, Trial
 from .specs import METRICS, MetricSpec
-from .stats import f_ppf, t_ppf
+from ..stats import f_ppf, t_ppf
 
 HETEROGENEITY_P = 0.99
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..parsing import share
 from ..records.model import Trial
 
 
@@ -77,7 +78,7 @@ DEFAULT_TOLERANCES: dict[str, float] = {name: spec.default_tolerance for name, s
 def _parse_amount(text: str, name: str) -> float:
     raw = text.strip()
     try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        value = share(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"tolerance for {name} must be a percentage like 5% or a fraction "
                                          f"like 0.05, got {text!r}") from None

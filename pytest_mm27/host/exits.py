@@ -14,29 +14,32 @@ import os
 import signal
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .launcher import Launcher, TeardownReport
+
+class Stoppable(Protocol):
+    """What is tracked: a launcher, or anything else that must stop its servers."""
+
+    def stop(self) -> Any: ...
 
 __all__ = ["install_signal_handlers", "stop_all", "track", "untrack"]
 
-_live: set[Launcher] = set()
+_live: set[Stoppable] = set()
 _live_lock = threading.Lock()
 _handled_signals: set[int] = set()
 
 
-def track(launcher: Launcher) -> None:
+def track(launcher: Stoppable) -> None:
     with _live_lock:
         _live.add(launcher)
 
 
-def untrack(launcher: Launcher) -> None:
+def untrack(launcher: Stoppable) -> None:
     with _live_lock:
         _live.discard(launcher)
 
 
-def stop_all() -> list[TeardownReport]:
+def stop_all() -> list[Any]:
     """Stop every launcher still running (the atexit hook and the signal handlers call this)."""
     with _live_lock:
         launchers = list(_live)

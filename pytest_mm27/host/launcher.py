@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engines.base import LaunchPlan, ServerSpec
+from .plan import LaunchPlan, ServerSpec
 from ..errors import LaunchError
 from . import cleanup, exits, probe
 from .gpus import memory_not_freed

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ..engines.base import LaunchPlan, ServerSpec
+from .plan import LaunchPlan, ServerSpec
 
 __all__ = ["LOG_TAIL_LINES", "open_log", "read_log_tail"]
 

@@ -27,7 +27,8 @@ Command line: ``python -m pytest_mm27.loadgen --help``; client benchmark:
 ``python -m pytest_mm27.benchmarks.bench_client``.
 """
 
-from .metrics import LevelMetrics, Percentiles, RequestRecord
+from .metrics import LevelMetrics
+from .samples import Percentiles, RequestRecord
 from .runner import run_level
 
 __all__ = ["run_level", "LevelMetrics", "RequestRecord", "Percentiles"]

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import parse_concurrency, parse_positive_float, parse_positive_int
+from ..parsing import parse_concurrency, parse_positive_float, parse_positive_int
 from ..errors import Mm27Error
 from ..catalog.paths import catalog_dirs
 from ..catalog.workload import load_workloads, parse_workload

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from .fast import FALLBACK, FastEndpoint, fast_request
-from .metrics import RequestRecord
+from .samples import RequestRecord
 from .prompts import RequestFactory
 from .sse import SSEParser, StreamError, error_text
 

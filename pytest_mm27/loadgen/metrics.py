@@ -1,4 +1,4 @@
-"""Per-request records and the level metrics computed from them.
+"""A level's metrics, computed once from the merged request records of all its workers.
 
 Pure functions only: no I/O, no clocks. Definitions follow README.md's
 "Metrics" section, which are those of vLLM's benchmark client:
@@ -8,19 +8,20 @@ Pure functions only: no I/O, no clocks. Definitions follow README.md's
 - TPOT: per request, (E2EL - TTFT) / (output_tokens - 1).
 - E2EL: request sent -> last text-bearing chunk.
 - output tokens: the server's ``usage.completion_tokens``.
-- throughput: tokens of successful requests / wall time of the measured
-  window (first send to last completion, warm-up excluded).
-
-All times in a record are seconds on one timeline shared by every worker
-process of the level (see ``runner``); only differences are meaningful.
+- throughput: tokens of successful requests over the measured time: a
+  counted level's first send to last completion (warm-up excluded), a steady
+  level's window (``steady``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .precision import latency_noise, window_precision
+from .samples import Percentiles, RequestRecord, steady_window, tokens_in_window
 
 # --- client-bound thresholds (documented in README of the package, see __init__) ---
 # The event loop overslept its 10 ms ticker by this much at p99: chunk
@@ -32,139 +33,6 @@ DISPATCH_LAG_P99_LIMIT_MS = 10.0
 # One worker process used this share of a core over the window: it had no
 # headroom left, whatever the lags say.
 CPU_UTIL_LIMIT = 0.90
-
-
-@dataclass(frozen=True)
-class Percentiles:
-    """Summary of a sample in milliseconds. Empty samples give all-NaN-free zeros with n=0."""
-
-    mean: float
-    p50: float
-    p90: float
-    p99: float
-    min: float
-    max: float
-    n: int = 0
-
-    @classmethod
-    def of(cls, values_ms: Iterable[float]) -> Percentiles:
-        data = sorted(values_ms)
-        if not data:
-            return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
-        return cls(
-            mean=math.fsum(data) / len(data),
-            p50=percentile(data, 50),
-            p90=percentile(data, 90),
-            p99=percentile(data, 99),
-            min=data[0],
-            max=data[-1],
-            n=len(data),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Percentiles:
-        return cls(**data)
-
-
-def percentile(sorted_data: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default, as vLLM uses)."""
-    if not sorted_data:
-        raise ValueError("percentile of an empty sample")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} outside 0..100")
-    pos = (len(sorted_data) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_data) - 1)
-    frac = pos - lo
-    return sorted_data[lo] + (sorted_data[hi] - sorted_data[lo]) * frac
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What one measured request did. Times in seconds on the level's shared timeline."""
-
-    index: int                  # order in which the request was claimed (0-based)
-    endpoint: str
-    worker: int
-    slot_free: float            # when the slot that sent it became free (dispatch was due)
-    sent: float                 # just before the HTTP request was issued
-    end: float                  # when the client was done with it (success or failure)
-    ok: bool = False
-    error: str | None = None
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
-    output_tokens: int = 0      # usage.completion_tokens
-    prompt_tokens: int = 0      # usage.prompt_tokens
-    ramp: bool = False          # first request of its slot (sent at level start, not a refill)
-
-    @property
-    def ttft(self) -> float | None:
-        return self.chunk_times[0] - self.sent if self.chunk_times else None
-
-    @property
-    def e2el(self) -> float | None:
-        return self.chunk_times[-1] - self.sent if self.chunk_times else None
-
-    @property
-    def tpot(self) -> float | None:
-        return tpot(self.sent, self.chunk_times, self.output_tokens)
-
-    def itls(self) -> list[float]:
-        return itls(self.chunk_times)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
-        return cls(**data)
-
-
-def tpot(sent: float, chunk_times: Sequence[float], output_tokens: int) -> float | None:
-    """(E2EL - TTFT) / (output_tokens - 1); None when it is undefined (< 2 tokens)."""
-    if output_tokens < 2 or not chunk_times:
-        return None
-    return (chunk_times[-1] - chunk_times[0]) / (output_tokens - 1)
-
-
-def itls(chunk_times: Sequence[float]) -> list[float]:
-    return [b - a for a, b in zip(chunk_times, chunk_times[1:])]
-
-
-def steady_window(records: Sequence[RequestRecord], concurrency: int) -> tuple[float, float] | None:
-    """The span during which all ``concurrency`` slots were busy.
-
-    It opens when the c-th request is sent (ramp-up over) and closes at the
-    first completion after the last send (from then on slots only drain).
-    None when c requests were never in flight together.
-    """
-    if len(records) < concurrency or concurrency < 1:
-        return None
-    sends = sorted(r.sent for r in records)
-    start = sends[concurrency - 1]
-    last_send = sends[-1]
-    after = [r.end for r in records if r.end > last_send and r.end > start]
-    if not after:
-        return None
-    end = min(after)
-    if end <= start:
-        return None
-    return start, end
-
-
-def tokens_in_window(record: RequestRecord, start: float, end: float) -> float:
-    """Tokens whose (estimated) arrival lies in [start, end].
-
-    The server's completion_tokens is spread evenly over the text-bearing
-    chunks, so a stream that packs several tokens per chunk is counted right.
-    """
-    if not record.chunk_times or record.output_tokens <= 0:
-        return 0.0
-    per_chunk = record.output_tokens / len(record.chunk_times)
-    inside = sum(1 for t in record.chunk_times if start <= t <= end)
-    return inside * per_chunk
 
 
 @dataclass(frozen=True)
@@ -428,20 +296,6 @@ def _errors(failed: Sequence[RequestRecord]) -> dict[str, int]:
     return errors
 
 
-def window_precision(records: Sequence[RequestRecord], start: float, end: float):
-    """Batch-means precision of the output tok/s inside ``[start, end)`` (server token counts)."""
-    from .steady import batch_means, binned
-
-    times: list[float] = []
-    weights: list[float] = []
-    for r in records:
-        if r.ok and r.chunk_times and r.output_tokens > 0:
-            share = r.output_tokens / len(r.chunk_times)
-            times.extend(r.chunk_times)
-            weights.extend([share] * len(r.chunk_times))
-    return batch_means(binned(times, weights, start, end))
-
-
 def _steady_metrics(records: Sequence[RequestRecord], concurrency: int, window: SteadyWindow, *,
                     self_measurements: Sequence[SelfMeasurement], endpoints: Sequence[str],
                     server_output_tokens: int | None, timed_out: bool) -> LevelMetrics:
@@ -499,34 +353,3 @@ def _steady_metrics(records: Sequence[RequestRecord], concurrency: int, window: 
                     "output_tokens": sum(r.output_tokens for r in others if r.ok), "errors": _errors(other_failed)},
         noise={"throughput": precision.standard_error if precision else None, **latency_noise(ok)},
     )
-
-
-Z95 = 1.959964
-
-
-def quantile_se(values: Sequence[float], q: float) -> float | None:
-    """Relative standard error of the ``q``-quantile of ``values``, distribution-free.
-
-    The ranks ``n q ± 1.96 sqrt(n q (1 - q))`` bound a 95 % interval of the
-    quantile (the binomial count of samples below it); half its width on the
-    log scale, over 1.96, is the standard error. None when the interval's
-    ranks fall outside the sample (a p99 needs several hundred requests) or
-    a value is not positive.
-    """
-    n = len(values)
-    if n < 10 or not 0 < q < 1:
-        return None
-    data = sorted(values)
-    spread = Z95 * math.sqrt(n * q * (1 - q))
-    lo, hi = math.floor(n * q - spread), math.ceil(n * q + spread)
-    if lo < 0 or hi > n - 1 or data[lo] <= 0:
-        return None
-    return (math.log(data[hi]) - math.log(data[lo])) / (2 * Z95)
-
-
-def latency_noise(ok: Sequence[RequestRecord]) -> dict[str, float | None]:
-    """The gated latency percentiles' within-level noise (see ``quantile_se``)."""
-    ttft = [r.ttft for r in ok if r.chunk_times]
-    tpots = [t for r in ok if (t := r.tpot) is not None]
-    return {"ttft_p50": quantile_se(ttft, 0.5), "ttft_p99": quantile_se(ttft, 0.99),   # type: ignore[arg-type]
-            "tpot_p50": quantile_se(tpots, 0.5), "tpot_p99": quantile_se(tpots, 0.99)}

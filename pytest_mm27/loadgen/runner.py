@@ -59,7 +59,8 @@ from .client import (
     monotonic,
     run_sync,
 )
-from .metrics import LevelMetrics, RequestRecord, SelfMeasurement, SteadyWindow, compute_level_metrics
+from .metrics import LevelMetrics, SelfMeasurement, SteadyWindow, compute_level_metrics
+from .samples import RequestRecord
 from .prompts import RequestFactory
 from .scrape import scrape_tokens, server_delta
 from .steady import CHECK_INTERVAL_S, TIMED_OUT, SteadySlots, WindowClock, WindowRule

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..gate.stats import t_ppf
+from ..stats import t_ppf
 
 BIN_S = 0.05            # token arrivals are counted in bins this wide
 MIN_BATCH_S = 0.25      # the shortest batch of the batch-means estimate

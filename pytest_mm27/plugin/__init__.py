@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from ..config import (
-    SIM_FAULTS, build_config, parse_concurrency, parse_endpoint, parse_engine, parse_error_rate,
-    parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
+from ..config import build_config
+from ..parsing import (
+    SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_positive_float,
+    parse_positive_int, parse_precision, parse_sim_fault,
 )
+from ..engines import parse_engine
 from ..gate.specs import parse_tolerances
 from ..errors import Mm27Error
 from ..harness import Harness

@@ -21,7 +21,8 @@ from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..loadgen.metrics import LevelMetrics, Percentiles
+from ..loadgen.metrics import LevelMetrics
+from ..loadgen.samples import Percentiles
 
 SCHEMA = "pytest-mm27/run-record"
 SCHEMA_VERSION = 1

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import parse_concurrency, parse_fraction, parse_positive_float, parse_positive_int
+from ..parsing import parse_concurrency, parse_fraction, parse_positive_float, parse_positive_int
 from ..errors import Mm27Error
 
 
