@@ -19,7 +19,7 @@ from typing import Any
 from .engines import parse_engine
 from .gate.specs import parse_tolerances
 from .parsing import (
-    parse_concurrency, parse_endpoint, parse_error_rate, parse_positive_float,
+    parse_concurrency, parse_endpoint, parse_error_rate, parse_non_negative_float, parse_positive_float,
     parse_positive_int, parse_precision, parse_sim_fault, split_names,
 )
 from .errors import ConfigError
@@ -32,6 +32,7 @@ BASELINE_TRIALS = 3
 @dataclass(frozen=True)
 class Mm27Config:
     topologies: tuple[str, ...] = ("all",)
+    topologies_given: bool = False          # --topology / mm27_topology was set (endpoint runs need to know)
     engine: str = "auto"
     endpoints: tuple[str, ...] = ()
     workload: str | None = None             # None: each topology's own workload
@@ -60,6 +61,7 @@ class Mm27Config:
     report_md: Path | None = None
     plots_dir: Path | None = None
     pytest_benchmark_json: Path | None = None
+    progress_every_s: float = 5.0           # progress lines on a non-terminal; 0: no live progress
 
     @property
     def baselines_dir(self) -> Path:
@@ -120,6 +122,7 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
     startup = get("startup_timeout")
     cfg = Mm27Config(
         topologies=split_names(get("topology")) or ("all",),
+        topologies_given=bool(split_names(get("topology"))),
         engine=_convert("mm27_engine", get("engine") or "auto", parse_engine),
         endpoints=endpoints,
         workload=get("workload") or None,
@@ -152,6 +155,8 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         report_md=path(get("report_md")) if get("report_md") else None,
         plots_dir=path(get("plots_dir")) if get("plots_dir") else None,
         pytest_benchmark_json=path(get("pytest_benchmark_json")) if get("pytest_benchmark_json") else None,
+        progress_every_s=_convert("mm27_progress_every", get("progress_every"), parse_non_negative_float)
+        if get("progress_every") is not None else 5.0,
     )
     if cfg.engine == "endpoint" and not cfg.endpoints:
         raise ConfigError("--engine endpoint needs at least one --endpoint URL", field="--endpoint")

@@ -113,6 +113,16 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
+def parse_non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
+    return value
+
+
 def parse_positive_float(text: str) -> float:
     try:
         value = float(text)

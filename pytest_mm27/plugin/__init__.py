@@ -8,27 +8,28 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ..config import build_config
-from ..parsing import (
-    SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_positive_float,
-    parse_positive_int, parse_precision, parse_sim_fault,
-)
 from ..engines import parse_engine
-from ..gate.specs import parse_tolerances
 from ..errors import Mm27Error
-from ..harness import Harness
 from ..finish import RunSummary, finish_run
-from ..catalog.topology import Topology
-from ..records.model import ERROR, FAIL, INVALID, LevelResult, Trial
+from ..gate.specs import parse_tolerances
+from ..harness import Harness
+from ..parsing import (
+    SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_non_negative_float,
+    parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
+)
+from .fixtures import (
+    CURRENT_ITEM_KEY, HARNESS_KEY, DeploymentHandle, Level, LevelCase, mm27_case, mm27_deployment, mm27_harness,
+    mm27_level, mm27_topology,
+)
+from .progress import progress_for
 
-HARNESS_KEY = pytest.StashKey[Harness]()
-ERROR_KEY = pytest.StashKey[str]()
 RUN_ID_INPUT = "mm27_run_id"
 
 # (option name, ini type, help, argparse extras). The ini key is "mm27_" + name.
@@ -87,6 +88,9 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("plots_dir", "string", "write PNG plots (needs matplotlib)", {"metavar": "DIR"}),
     ("pytest_benchmark_json", "string", "also export levels in pytest-benchmark's JSON format "
      "(seconds per output token), for pytest-benchmark compare", {"metavar": "PATH"}),
+    ("progress_every", "string", "seconds between live progress lines when output is not a terminal "
+     "(CI logs; default 5); 0 turns live progress off (so does -q)",
+     {"type": parse_non_negative_float, "metavar": "S"}),
 ]
 
 
@@ -101,7 +105,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _getter(config: pytest.Config):
     def get(name: str) -> Any:
         value = config.getoption(f"mm27_{name}")
-        if value not in (None, False):
+        if value is not None and value is not False:
             # (name, value) pairs of --sim-fault arrive parsed; keep them as they are
             if name == "sim_fault":
                 return [f"{k}={v}" for k, v in value]
@@ -179,24 +183,34 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
             f"mm27: topologies {names} · workload {workloads} · results {harness.run_dir}"]
 
 
-@dataclass(frozen=True)
-class LevelCase:
-    topology: Topology
-    concurrency: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.topology.name}-c{self.concurrency}"
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "mm27_level" not in metafunc.fixturenames:
-        return
     harness = metafunc.config.stash.get(HARNESS_KEY, None)
     if harness is None:
         return
-    cases = [LevelCase(t, c) for t in harness.topologies for c in harness.levels_for(t)]
-    metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
+    if "mm27_level" in metafunc.fixturenames:
+        cases = [LevelCase(t, c) for t in harness.topologies for c in harness.levels_for(t)]
+        metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
+    if "mm27_topology" in metafunc.fixturenames:
+        # Session-scoped, so pytest groups the tests by topology and each boots once.
+        names = [t.name for t in harness.topologies]
+        metafunc.parametrize("mm27_topology", names, ids=names, indirect=True, scope="session")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    harness = session.config.stash.get(HARNESS_KEY, None)
+    if harness is not None:
+        # The terminal reporter exists by now; the live line goes through it.
+        harness.progress = progress_for(session.config, harness.cfg.progress_every_s)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Remember the running test: the levels it runs are named after it (``fixtures.case_id``)."""
+    item.config.stash[CURRENT_ITEM_KEY] = item
+    try:
+        return (yield)
+    finally:
+        del item.config.stash[CURRENT_ITEM_KEY]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -216,49 +230,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for i, item in zip(positions, bench):
         items[i] = item
         item.add_marker(pytest.mark.mm27)
-
-
-@pytest.fixture
-def mm27_case(request: pytest.FixtureRequest) -> LevelCase:
-    return request.param
-
-
-class Level:
-    """What a benchmark test gets: one (topology, concurrency) to measure and judge."""
-
-    def __init__(self, harness: Harness, case: LevelCase):
-        self._harness = harness
-        self.topology = case.topology
-        self.concurrency = case.concurrency
-        self.workload = harness.workloads[case.topology.name]
-        self.floor = harness.floor_value(case.topology, case.concurrency)
-        self.entry: dict[str, Any] | None = None       # the level as recorded (JSON form)
-        self.result: LevelResult | None = None
-
-    def measure(self) -> Trial | None:
-        """Measure the level (booting the topology on first use) and judge it.
-
-        Fails the test when errors pass the limit or throughput is below the
-        floor; skips a client-bound level that missed its floor (not gated);
-        errors when the server could not be booted or died.
-        """
-        try:
-            level = self._harness.measure(self.topology, self.concurrency)
-        except Mm27Error as exc:      # e.g. the run record cannot be written
-            raise pytest.fail.Exception(f"could not measure: {exc}", pytrace=False) from None
-        self.result, self.entry, verdict = level, level.to_dict(), level.verdict
-        if verdict.status == ERROR:
-            pytest.fail("could not measure: " + verdict.message, pytrace=False)
-        if verdict.status == INVALID:
-            pytest.skip("inconclusive: " + verdict.message.replace("\n", "; "))
-        if verdict.status == FAIL:
-            pytest.fail(verdict.message, pytrace=False)
-        return level.metrics
-
-
-@pytest.fixture
-def mm27_level(request: pytest.FixtureRequest, mm27_case: LevelCase) -> Level:
-    return Level(request.config.stash[HARNESS_KEY], mm27_case)
 
 
 SUMMARY_KEY = pytest.StashKey[RunSummary]()
@@ -295,3 +266,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(line)
     for failure in summary.failures:
         terminalreporter.write_line(f"FAILED: {failure}", red=True)
+
+
+# The fixtures are the plugin's: pytest finds them as attributes of this module.
+__all__ = ["DeploymentHandle", "Level", "LevelCase", "mm27_case", "mm27_deployment", "mm27_harness", "mm27_level",
+           "mm27_topology"]

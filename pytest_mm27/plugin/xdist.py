@@ -7,7 +7,8 @@ structured, that write no longer takes effect, and loadgroup silently
 degrades to plain load (pytest-dev/pytest-xdist#1386). A topology's levels
 spread over workers would boot it once per worker on the same GPUs. So the
 group of a level is read from what the node id already says: its parameter
-id ``<topology>-c<concurrency>``.
+id ``<topology>-c<concurrency>`` (the suite's levels) or ``<topology>`` (a
+test taking the ``mm27_topology`` fixture).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from xdist.scheduler import LoadGroupScheduling
 
 
 def topology_of(nodeid: str, topologies: Iterable[str]) -> str | None:
-    """The topology whose level ``nodeid`` is, from its ``[<topology>-c<N>]`` parameter id."""
+    """The topology ``nodeid`` runs, from its ``[<topology>-c<N>]`` or ``[<topology>]`` parameter id."""
     open_at, close_at = nodeid.find("["), nodeid.rfind("]")
     if open_at < 0 or close_at < open_at:
         return None
     params = nodeid[open_at + 1:close_at]
     for name in sorted(topologies, key=len, reverse=True):      # "tp4-fp8" before "tp4"
-        if re.search(rf"(?:^|-){re.escape(name)}-c\d+(?:-|$)", params):
+        if re.search(rf"(?:^|-){re.escape(name)}(?:-c\d+)?(?:-|$)", params):
             return name
     return None
 
