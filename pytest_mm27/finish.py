@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import Mm27Config
 from .errors import Mm27Error
-from .gate.baseline import BaselineMatch, load_baseline, save_baseline
+from .gate.baseline import BaselineMatch, load_baseline, resolve_one, save_baseline
 from .gate.compare import compare_records
 from .gate.noise import noise_text
 from .records.model import RecordComparison, RunRecord
@@ -26,7 +26,7 @@ from .report.terminal import comparison_lines, record_table
 class RunSummary:
     records: list[RunRecord] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
-    comparisons: dict[str, RecordComparison] = field(default_factory=dict)
+    comparisons: dict[tuple[str, str], RecordComparison] = field(default_factory=dict)   # by record key
     lines: list[str] = field(default_factory=list)         # terminal summary
     failures: list[str] = field(default_factory=list)      # fail the session (baseline errors, regressions)
 
@@ -46,24 +46,34 @@ def load_run(run_dir: Path) -> tuple[list[RunRecord], list[Path], list[str]]:
     return records, paths, problems
 
 
-def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatch]) -> RunSummary:
+BaselineKey = tuple[str, str]      # (topology, workload) of a record
+
+
+def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[BaselineKey, BaselineMatch]) -> RunSummary:
     summary = RunSummary()
     summary.records, summary.paths, summary.failures = load_run(run_dir)
-    notes: dict[str, str] = {}
+    notes: dict[tuple[str, str], str] = {}
     for record, path in zip(summary.records, summary.paths):
         name = record.topology_name
-        match = baselines.get(name)
+        key = (name, record.workload_name)
+        match = baselines.get(key)
+        if match is None and cfg.baseline:
+            # A deployment declared in an xdist worker: this process has not looked for its baseline yet.
+            try:
+                match = baselines[key] = resolve_one(cfg.baseline, cfg.baselines_dir, record.to_dict())
+            except Mm27Error as exc:
+                summary.failures.append(str(exc))
         if match is not None and match.reference is not None:
             comparison = compare_records(match.reference, record, cfg.tolerances or None,
                                          max_error_rate=cfg.max_error_rate, baseline_path=match.path)
-            summary.comparisons[name] = comparison
+            summary.comparisons[key] = comparison
             summary.lines += comparison_lines(comparison, record)
             if comparison.regressed:
                 summary.failures.append(comparison.summary())
         else:
             summary.lines += record_table(record)
             if match is not None and match.note:
-                notes[name] = match.note
+                notes[key] = match.note
                 summary.lines.append(f"  {match.note}")
         summary.lines.append(f"  record: {path}")
         summary.lines.append("")
@@ -75,7 +85,7 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatc
                 continue
             name = cfg.save_baseline if isinstance(cfg.save_baseline, str) else None
             if name and len(summary.records) > 1:
-                name = f"{record.topology_name}--{name}"
+                name = f"{path.stem}--{name}"
             try:
                 saved = save_baseline(record, cfg.baselines_dir, name=name, force=cfg.force, source_path=path)
                 summary.lines.append(f"baseline saved: {saved}")
@@ -88,17 +98,17 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[str, BaselineMatc
     return summary
 
 
-def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[str, str],
-             baselines: dict[str, BaselineMatch]) -> None:
+def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[BaselineKey, str],
+             baselines: dict[BaselineKey, BaselineMatch]) -> None:
     try:
         if cfg.report_md is not None or _step_summary_wanted():
             text = markdown_report(summary.records, summary.comparisons, notes=notes)
             for written in write_markdown(cfg.report_md, text):
                 summary.lines.append(f"report: {written}")
         if cfg.plots_dir is not None:
-            base = {name: m.reference for name, m in baselines.items() if m.reference is not None}
+            base = {key: m.reference for key, m in baselines.items() if m.reference is not None}
             for written in plot_records(summary.records, cfg.plots_dir, baselines=base,
-                                        comparisons=summary.comparisons):
+                                        comparisons=summary.comparisons, stems=[p.stem for p in summary.paths]):
                 summary.lines.append(f"plot: {written}")
         if cfg.pytest_benchmark_json is not None:
             written = export_pytest_benchmark(summary.records, cfg.pytest_benchmark_json)

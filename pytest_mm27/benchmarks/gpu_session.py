@@ -17,7 +17,8 @@ against it (give it twice for two); ``8b-slow-nightly`` is a nightly run
 with one serve option changed (``SLOW_OPTION``, a known slowdown);
 ``8b-slow-long`` measures that option's cost with long windows;
 ``tp1-baseline`` re-measures the small model's baseline; ``tp1-prefill`` a
-prefill-heavy length mix on it; ``crosscheck`` our client against
+prefill-heavy length mix on it (``8b-prefill`` on the GPU-bound one); ``tp1-256``
+the small model where its API server limits it; ``crosscheck`` our client against
 ``vllm bench serve`` on the GPU-bound topology at c=16 and c=64.
 """
 
@@ -56,6 +57,9 @@ STEPS: dict[str, tuple[list[str] | None, str, int]] = {
                  "--max-window", "40"], "results-long", 260),
     "tp1-baseline": (["--topology", "gpu-tp1", "--save-baseline", "--force"], "results", 180),
     "tp1-prefill": (["--topology", "gpu-tp1", "--workload", "prefill-heavy"], "results-prefill", 100),
+    "8b-prefill": (["--topology", GPU_BOUND, "--workload", "prefill-heavy", "--concurrency", "1,16,64"],
+                   "results-prefill", 130),
+    "tp1-256": (["--topology", "gpu-tp1", "--concurrency", "16,256"], "results-tp1", 130),
     "crosscheck": (None, "crosscheck", 220),
 }
 

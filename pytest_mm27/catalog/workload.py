@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +71,20 @@ class Workload:
 
     def requests_for(self, concurrency: int) -> int:
         return max(self.min_requests, math.ceil(self.requests_per_concurrency * concurrency))
+
+    def variant(self, **changes: Any) -> Workload:
+        """This workload with some fields changed (a test's shape overrides), named so
+        that its records and baselines never mix with the workload's own:
+        ``chat`` with ``output_tokens=512`` is ``chat[output_tokens=512]``."""
+        if not changes:
+            return self
+        known = {f.name for f in fields(self)} - {"name", "source", "description"}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown workload field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+                              source=str(self.source), field=unknown[0])
+        suffix = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+        return replace(self, name=f"{self.name}[{suffix}]", **changes)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -287,6 +287,21 @@ def resolve_baselines(spec: str | Path, root: Path, records: Sequence[Mapping[st
     return matches
 
 
+def resolve_one(spec: str | Path, root: Path, record: Mapping[str, Any]) -> BaselineMatch:
+    """The baseline of one record (a deployment a test declared): as ``resolve_baselines``
+    for ``auto`` and folders; a file is used only when it is for this record's key."""
+    if isinstance(spec, str) and spec == AUTO:
+        return _auto(root, record)
+    path = Path(spec)
+    if path.is_dir():
+        return _auto(path, record)
+    baseline = load_baseline(path)
+    theirs, mine = baseline_key(baseline, str(path)), baseline_key(record)
+    if theirs != mine:
+        return BaselineMatch(record, None, None, f"baseline {path} is for {theirs.describe()}")
+    return BaselineMatch(record, baseline, path)
+
+
 def _auto(root: Path, record: Mapping[str, Any]) -> BaselineMatch:
     key = baseline_key(record)
     path = find_baseline(root, record)
@@ -300,5 +315,5 @@ def _auto(root: Path, record: Mapping[str, Any]) -> BaselineMatch:
 __all__ = [
     "AUTO", "SIM_PREFIX", "BaselineError", "BaselineExistsError", "BaselineKey", "BaselineMatch",
     "BaselineMismatchError", "Mm27Error", "baseline_key", "baseline_path", "check_match", "check_name",
-    "find_baseline", "load_baseline", "resolve_baselines", "save_baseline",
+    "find_baseline", "load_baseline", "resolve_baselines", "resolve_one", "save_baseline",
 ]

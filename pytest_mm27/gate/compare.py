@@ -197,7 +197,8 @@ class Judge:
         bad_base = invalid_reason(b_level, self.max_error_rate, throughput=throughput)
         return (f"this run: {bad_now}" if bad_now else None) or (f"baseline: {bad_base}" if bad_base else None)
 
-    def level(self, c: int, b_level: LevelResult | None, n_level: LevelResult | None) -> LevelComparison:
+    def level(self, c: int, b_level: LevelResult | None, n_level: LevelResult | None,
+              case: str | None = None) -> LevelComparison:
         """One level of the run against the baseline's: every gated metric."""
         results = []
         for spec in self.specs:
@@ -230,7 +231,7 @@ class Judge:
                 results.append(_unmeasured(spec, c, b_logs, n_logs, common))
                 continue
             results.append(_compare_ratio(spec, c, b_logs, n_logs, t, noise, self.confidence))
-        return LevelComparison(c, results, note=self.reason(b_level, n_level, False) or "")
+        return LevelComparison(c, results, note=self.reason(b_level, n_level, False) or "", case=case)
 
     def sweep(self, levels: Sequence[LevelComparison], baseline: RunRecord, record: RunRecord) -> list[MetricComparison]:
         """Throughput across the sweep: the mean log change over the levels compared on pooled noise."""
@@ -241,7 +242,7 @@ class Judge:
             parts: list[tuple[int, list[float], list[float], Noise]] = []
             for lv in levels:
                 m = lv.get(spec.name)
-                b_level, n_level = baseline.level(lv.concurrency), record.level(lv.concurrency)
+                b_level, n_level = baseline.level(lv.concurrency, lv.case), record.level(lv.concurrency, lv.case)
                 if m is None or m.status == INVALID or m.status == MISSING or b_level is None or n_level is None:
                     continue
                 if m.noise_source.endswith(", own"):
@@ -281,8 +282,8 @@ def compare_records(
     base, now = as_record(baseline), as_record(record)
     judge = Judge.of(base, now.workload, tolerances, confidence=confidence, max_error_rate=max_error_rate,
                      metrics=metrics, pool_levels=pool_levels)
-    concurrencies = sorted({lv.concurrency for lv in base.levels} | {lv.concurrency for lv in now.levels})
-    levels = [judge.level(c, base.level(c), now.level(c)) for c in concurrencies]
+    keys = sorted({lv.key for lv in base.levels} | {lv.key for lv in now.levels})
+    levels = [judge.level(c, base.level(c, case), now.level(c, case), case=case or None) for c, case in keys]
     return RecordComparison(
         topology=now.topology_name or base.topology_name, workload=now.workload_name or base.workload_name,
         profile=now.hardware.profile or base.hardware.profile,

@@ -92,8 +92,8 @@ def front_end_bound(level: LevelResult | None) -> bool:
 class _Pool:
     ss: float = 0.0
     df: int = 0
-    levels: dict[int, tuple[float, int]] = field(default_factory=dict)    # pooled levels' own ss, df
-    apart: set[int] = field(default_factory=set)                          # levels with their own noise
+    levels: dict[tuple[int, str], tuple[float, int]] = field(default_factory=dict)   # pooled levels' own ss, df
+    apart: set[tuple[int, str]] = field(default_factory=set)                         # levels with their own noise
 
 
 class NoiseModel:
@@ -119,9 +119,9 @@ class NoiseModel:
                     continue
                 ss, df = ss_df(xs)
                 if front_end_bound(level):
-                    pool.apart.add(level.concurrency)
+                    pool.apart.add(level.key)
                     continue
-                pool.levels[level.concurrency] = (ss, df)
+                pool.levels[level.key] = (ss, df)
             total_ss = math.fsum(ss for ss, _ in pool.levels.values())
             total_df = sum(df for _, df in pool.levels.values())
             for c, (ss, df) in list(pool.levels.items()):
@@ -136,12 +136,13 @@ class NoiseModel:
                   b_level: LevelResult, n_level: LevelResult, confidence: float) -> Noise | None:
         """The noise of comparing level ``c`` (see the module docstring); None when none was measured."""
         pool = self.pools[spec.name]
+        key = b_level.key
         b_ss, b_df = ss_df(b_logs)
         n_ss, n_df = ss_df(n_logs)
         own_ss, own_df = b_ss + n_ss, b_df + n_df
-        rest_ss = pool.ss - (b_ss if c in pool.levels else 0.0)
-        rest_df = pool.df - (b_df if c in pool.levels else 0)
-        apart = (not self.pool_levels or not pool.df or c in pool.apart or front_end_bound(n_level)
+        rest_ss = pool.ss - (b_ss if key in pool.levels else 0.0)
+        rest_df = pool.df - (b_df if key in pool.levels else 0)
+        apart = (not self.pool_levels or not pool.df or key in pool.apart or front_end_bound(n_level)
                  or _noisier_than(own_ss, own_df, rest_ss, rest_df))
         ss, df = (own_ss, own_df) if apart else (pool.ss, pool.df)
         if df:
@@ -153,7 +154,7 @@ class NoiseModel:
         pool = self.pools.get(spec.name)
         if pool is None:
             return ""
-        apart = sorted(pool.apart)
+        apart = sorted(c if not case else f"{c}[{case}]" for c, case in pool.apart)
         text = (f"{spec.label} ±{math.expm1(math.sqrt(pool.ss / pool.df)):.1%}/trial ({pool.df} df)" if pool.df
                 else f"{spec.label} within-level noise only (single trials: trial-to-trial noise not measured)")
         return text + (f", own noise at c={','.join(map(str, apart))}" if apart else "")

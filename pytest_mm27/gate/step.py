@@ -13,11 +13,13 @@ fails the session at its end.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..catalog.floors import Floor
 from ..records.model import ERROR, FAIL, LevelComparison, LevelResult, Verdict
 from .compare import Judge
+from .slo import Slo
 from .verdict import judge_level
 
 
@@ -28,8 +30,9 @@ class GateResult:
 
 
 def gate_level(level: LevelResult, floor: Floor | None, baseline_level: LevelResult | None, judge: Judge | None,
-               *, max_error_rate: float, model_error: float | None = None, engine: str | None = None) -> GateResult:
-    """The level's verdict: errors and floor (``judge_level``), then, with a baseline, its regressions.
+               *, max_error_rate: float, model_error: float | None = None, engine: str | None = None,
+               ceilings: Sequence[Slo] = ()) -> GateResult:
+    """The level's verdict: errors, floor and ceilings (``judge_level``), then, with a baseline, its regressions.
 
     A level that could not be measured keeps the error verdict it was made
     with; a regression past the tolerance and outside the noise fails the
@@ -38,10 +41,10 @@ def gate_level(level: LevelResult, floor: Floor | None, baseline_level: LevelRes
     median = level.metrics
     if median is None:
         return GateResult(level.verdict if level.verdict.status else Verdict(ERROR, ("not measured",)), None)
-    verdict = judge_level(median, floor, max_error_rate, model_error=model_error, engine=engine)
+    verdict = judge_level(median, floor, max_error_rate, model_error=model_error, engine=engine, ceilings=ceilings)
     if verdict.status == ERROR or judge is None:
         return GateResult(verdict, None)
-    comparison = judge.level(level.concurrency, baseline_level, level)
+    comparison = judge.level(level.concurrency, baseline_level, level, case=level.case)
     regressions = tuple(m.message for m in comparison.regressions)
     if regressions:
         verdict = Verdict(FAIL, verdict.problems + regressions, verdict.notes, verdict.tag)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..catalog.floors import Floor
 from ..host.telemetry import throttled
 from ..records.model import ERROR, FAIL, INVALID, PASS, Trial, Verdict, as_trial
+from .slo import Slo, misses
 
 # The verdict type and its statuses live with the record (records.model); judging lives here.
 __all__ = ["ERROR", "FAIL", "INVALID", "PASS", "Verdict", "client_understatement", "front_end_note", "judge_level"]
@@ -47,7 +48,8 @@ def front_end_note(trial: Trial, engine: str | None) -> str | None:
 
 
 def judge_level(metrics: Trial | Mapping[str, Any], floor: Floor | None, max_error_rate: float,
-                model_error: float | None = None, engine: str | None = None) -> Verdict:
+                model_error: float | None = None, engine: str | None = None,
+                ceilings: Sequence[Slo] = ()) -> Verdict:
     """Decide a level from its (median) trial: errors past the limit, the floor, client-bound levels.
 
     ``model_error``: on the simulator, its known error at this (topology,
@@ -57,6 +59,7 @@ def judge_level(metrics: Trial | Mapping[str, Any], floor: Floor | None, max_err
     A front-end-bound level (the server's API process at a full core) is
     judged like any other; its verdict names that limit (``engine`` picks
     the advice), and so does a GPU whose clocks were cut during the level.
+    ``ceilings``: the level's latency and error-rate SLOs; each one missed fails it.
     """
     trial = as_trial(metrics)
     problems: list[str] = []
@@ -89,6 +92,8 @@ def judge_level(metrics: Trial | Mapping[str, Any], floor: Floor | None, max_err
         if trial.client_bound:
             notes.append(f"client-bound ({trial.client_bound_reason}), but the client can explain at most "
                          f"{client_share:.1%} of a {shortfall:.1%} shortfall")
+    if ok:
+        problems.extend(misses(trial, ceilings))
     if floor is None:
         notes.append("no floor for this level")
     front_end = front_end_note(trial, engine)

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ from .gpus import memory_not_freed
 from .ports import pick_port, port_in_use
 from .processes import Family, describe, exit_status, exit_text, process_table, wait_gone
 from .serverlog import LOG_TAIL_LINES, open_log, read_log_tail
+
+# elapsed seconds, the startup timeout, the last line of a waiting server's log
+BootProgress = Callable[[float, float, str], None]
 
 __all__ = ["Launcher", "TeardownReport"]
 
@@ -161,17 +165,18 @@ class Launcher:
             self.stop()
             raise
 
-    def wait_healthy(self) -> None:
+    def wait_healthy(self, progress: BootProgress | None = None) -> None:
         """Poll ``/health`` and ``/v1/models`` until every server serves the model.
 
         Raises :class:`LaunchError` (after stopping all servers) when a child
         exits, when a server answers with a fatal mistake (wrong model, bad
-        API key), or when ``plan.startup_timeout_s`` passes.
+        API key), or when ``plan.startup_timeout_s`` passes. ``progress(elapsed,
+        timeout, last log line)`` hears about the wait about once a second.
         """
         if not self._started:
             raise LaunchError("start() the launcher before waiting for it")
         try:
-            self._wait_healthy()
+            self._wait_healthy(progress)
         except BaseException:
             self.stop()             # KeyboardInterrupt too: never leave children behind
             raise
@@ -212,6 +217,15 @@ class Launcher:
 
     # -- start ---------------------------------------------------------------
 
+    def _log_path(self, name: str) -> Path:
+        """``<server>.log``; a later boot of the same server in this folder gets ``<server>.2.log``,
+        so the log of an earlier boot (which may be the one to read) is never overwritten."""
+        path, n = self.log_dir / f"{name}.log", 1
+        while path.exists():
+            n += 1
+            path = self.log_dir / f"{name}.{n}.log"
+        return path
+
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._before = cleanup.snapshot()
@@ -228,7 +242,7 @@ class Launcher:
                 spec = spec.with_port(pick_port(spec.host, taken))
                 self.plan = self.plan.with_server(i, spec)
             taken.add(spec.port)
-            self._servers.append(_Server(spec=spec, picked_port=picked, log_path=self.log_dir / f"{spec.name}.log"))
+            self._servers.append(_Server(spec=spec, picked_port=picked, log_path=self._log_path(spec.name)))
         exits.track(self)
         for server in self._servers:
             self._spawn(server, first=True)
@@ -259,9 +273,10 @@ class Launcher:
 
     # -- health ----------------------------------------------------------------
 
-    def _wait_healthy(self) -> None:
+    def _wait_healthy(self, progress: BootProgress | None = None) -> None:
         timeout = self.plan.startup_timeout_s
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         last_family_scan = 0.0
         while True:
             now = time.monotonic()
@@ -269,6 +284,10 @@ class Launcher:
             if now - last_family_scan >= 1.0:
                 last_family_scan = now
                 table = process_table()
+                waiting = next((s for s in self._servers if not s.healthy), None)
+                if progress is not None and waiting is not None:
+                    last = read_log_tail(waiting.log_path, 1).strip().splitlines()
+                    progress(now - started, timeout, last[-1] if last else "")
             for i, server in enumerate(self._servers):
                 self._check_exited(i, server)       # healthy ones too: any death fails the boot
                 if table is not None and server.family is not None:

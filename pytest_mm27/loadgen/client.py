@@ -390,9 +390,30 @@ class Picker:  # protocol-ish, for type hints only
     def release(self, i: int) -> None: ...
 
 
-class Watcher:  # protocol-ish: what a steady level's controller hears from the loop
+class Watcher:  # protocol-ish: what a steady level's controller (or a progress tally) hears from the loop
     def started(self, rec: RequestRecord, parser: SSEParser, max_tokens: int) -> None: ...
     def finished(self, rec: RequestRecord) -> None: ...
+
+
+class Tally:
+    """Requests done, failed and tokens served so far: what live progress shows."""
+
+    def __init__(self, inner: Watcher | None = None):
+        self.inner = inner
+        self.done = self.failed = self.tokens = 0
+
+    def started(self, rec: RequestRecord, parser: SSEParser, max_tokens: int) -> None:
+        if self.inner is not None:
+            self.inner.started(rec, parser, max_tokens)
+
+    def finished(self, rec: RequestRecord) -> None:
+        self.done += 1
+        if rec.ok:
+            self.tokens += rec.output_tokens
+        else:
+            self.failed += 1
+        if self.inner is not None:
+            self.inner.finished(rec)
 
 
 async def closed_loop(

@@ -46,7 +46,7 @@ import multiprocessing.connection
 import os
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import LoadError
@@ -55,6 +55,7 @@ from .client import (
     Client,
     CountClaimer,
     LeastOutstanding,
+    Tally,
     closed_loop,
     monotonic,
     run_sync,
@@ -158,6 +159,7 @@ def run_level(
     level_timeout_s: float | None = None,
     precision: float | None = None,
     max_window_s: float | None = None,
+    progress: Progress | None = None,
 ) -> LevelMetrics:
     """Run one closed-loop level and return its metrics. Synchronous.
 
@@ -166,6 +168,8 @@ def run_level(
     ``max_window_s`` override the workload's target and cap. Request
     failures are counted in the metrics, never raised; ``LoadError`` means
     misuse (bad arguments) or a worker process that could not start.
+    ``progress(done, total, tok_s, failed)`` is called about once a second
+    while the level runs in this process (total is None for a steady window).
     """
     eps = _validate(endpoints, model, workload, concurrency, workers, level_timeout_s)
     if precision is not None and not 0 < precision < 1:
@@ -183,8 +187,8 @@ def run_level(
     )
     deadline = monotonic() + level_timeout_s if level_timeout_s else None
     if n_workers == 1:
-        return run_sync(lambda: _level_in_process(plan, deadline))
-    return _level_sharded(plan, n_workers, deadline)
+        return run_sync(lambda: _level_in_process(plan, deadline, progress))
+    return _level_sharded(plan, n_workers, deadline, progress)
 
 
 async def _warmup(client: Client, plan: _Plan, factory: RequestFactory, deadline: float | None) -> None:
@@ -216,7 +220,20 @@ async def _watch_window(state: SteadySlots, clock: WindowClock) -> None:
         state.t0, state.t1 = clock.t0, clock.t1
 
 
-async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics:
+# done, total (None: a steady window), output tok/s so far, failed
+Progress = Callable[[int, int | None, float, int], None]
+PROGRESS_EVERY_S = 1.0
+
+
+async def _report(tally: Tally, total: int | None, progress: Progress) -> None:
+    started = monotonic()
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        elapsed = monotonic() - started
+        progress(tally.done, total, tally.tokens / elapsed if elapsed > 0 else 0.0, tally.failed)
+
+
+async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progress | None = None) -> LevelMetrics:
     factory = RequestFactory(plan.workload, plan.model)
     state = clock = None
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
@@ -235,15 +252,18 @@ async def _level_in_process(plan: _Plan, deadline: float | None) -> LevelMetrics
             watch = asyncio.create_task(_watch_window(state, clock))
         else:
             claim = count_claim(plan, plan.total, stop_at=start + plan.duration_s if plan.duration_s else None)
+        tally = Tally(state)
+        report = asyncio.create_task(_report(tally, plan.total, progress)) if progress else None
         try:
             result = await closed_loop(
                 client, factory, plan.concurrency, claim, LeastOutstanding(len(plan.endpoints)),
                 timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s, deadline=deadline,
-                watcher=state,
+                watcher=tally,
             )
         finally:
-            if watch is not None:
-                watch.cancel()
+            for task in (watch, report):
+                if task is not None:
+                    task.cancel()
         loop_end = monotonic()
         expect = sum(r.output_tokens for r in result.records if r.ok)
         server = await server_delta(session, plan.endpoints, before, expect)
@@ -318,15 +338,18 @@ async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | 
             claim = count_claim(plan, n_requests, base, epoch - offset + plan.duration_s if plan.duration_s else None)
         picker = LeastOutstanding(len(plan.endpoints))
         picker.rr = worker % len(plan.endpoints)      # spread ties across workers
+        tally = Tally(state)
+        counts = asyncio.create_task(_tally_to_parent(tally, conn))
         try:
             result = await closed_loop(
                 client, factory, slots, claim, picker,
                 timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
-                deadline=deadline, worker=worker, watcher=state,
+                deadline=deadline, worker=worker, watcher=tally,
             )
         finally:
-            if watch is not None:
-                watch.cancel()
+            for task in (watch, counts):
+                if task is not None:
+                    task.cancel()
     shift_records(result.records, offset - epoch)
     sm = SelfMeasurement(worker, result.cpu_s, result.wall_s, result.loop_lag_ms)
     return result.records, sm, result.timed_out
@@ -349,7 +372,15 @@ async def _report_to_parent(state: SteadySlots, conn, offset: float) -> None:
                 state.t1 = wall - offset
 
 
-def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> LevelMetrics:
+async def _tally_to_parent(tally: Tally, conn) -> None:
+    """A worker's running counts, for the parent's live progress."""
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        conn.send(("tally", tally.done, tally.tokens, tally.failed))
+
+
+def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None,
+                   progress: Progress | None = None) -> LevelMetrics:
     ctx = mp.get_context("spawn")   # fork is unsafe with threads / a running loop in the parent
     slot_share = split(plan.concurrency, n_workers)
     if plan.total is not None:
@@ -382,7 +413,7 @@ def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> Level
             if msg != b"ready":
                 why = pickle.loads(msg)[1] if msg else "no answer (died or too slow)"
                 raise LoadError(f"load generator worker {i} failed to start: {why}")
-        return run_sync(lambda: _sharded_async(plan, conns, procs, req_share, bases, deadline))
+        return run_sync(lambda: _sharded_async(plan, conns, procs, req_share, bases, deadline, progress))
     finally:
         for c in conns:
             try:
@@ -398,7 +429,8 @@ def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None) -> Level
             c.close()
 
 
-async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) -> LevelMetrics:
+async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
+                         progress: Progress | None = None) -> LevelMetrics:
     factory = RequestFactory(plan.workload, plan.model)
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
         session = client.session
@@ -414,7 +446,8 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) 
         # Collect in a thread; this loop's session stays idle meanwhile.
         loop = asyncio.get_running_loop()
         grace = plan.workload.request_timeout_s + 30.0
-        payloads = await loop.run_in_executor(None, _collect, conns, procs, deadline, grace, clock)
+        report = _SummedProgress(len(conns), plan.total, progress) if progress else None
+        payloads = await loop.run_in_executor(None, _collect, conns, procs, deadline, grace, clock, report)
         end_wall = time.time()
         records: list[RequestRecord] = []
         sms: list[SelfMeasurement] = []
@@ -444,7 +477,25 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline) 
     )
 
 
-def _collect(conns, procs, deadline: float | None, grace: float, clock: WindowClock | None) -> list[tuple]:
+class _SummedProgress:
+    """The workers' latest counts, summed and handed to ``progress`` about once a second."""
+
+    def __init__(self, n: int, total: int | None, progress: Progress):
+        self.latest = [(0, 0, 0)] * n
+        self.total, self.progress = total, progress
+        self.started = self.last = monotonic()
+
+    def update(self, worker: int, done: int, tokens: int, failed: int) -> None:
+        self.latest[worker] = (done, tokens, failed)
+        now = monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            done, tokens, failed = (sum(column) for column in zip(*self.latest))
+            self.progress(done, self.total, tokens / (now - self.started), failed)
+
+
+def _collect(conns, procs, deadline: float | None, grace: float, clock: WindowClock | None,
+             report: _SummedProgress | None = None) -> list[tuple]:
     """Block (in a thread) until every worker reported, died, or overran its bound.
 
     In a steady level the workers also tick: every ``CHECK_INTERVAL_S`` their
@@ -467,6 +518,9 @@ def _collect(conns, procs, deadline: float | None, grace: float, clock: WindowCl
                 continue
             if msg[0] == "tick":
                 latest[i], fresh[i] = msg, True
+            elif msg[0] == "tally":
+                if report is not None:
+                    report.update(i, *msg[1:])
             else:
                 finals[i] = msg
         for i, p in enumerate(procs):

@@ -114,6 +114,7 @@ class LevelComparison:
     concurrency: int
     metrics: list[MetricComparison]
     note: str = ""                    # why the level is invalid or missing
+    case: str | None = None           # the user test's case id (see LevelResult.case)
 
     @property
     def status(self) -> str:
@@ -129,12 +130,12 @@ class LevelComparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "status": self.status, "note": self.note,
-                "metrics": [m.to_dict() for m in self.metrics]}
+                "metrics": [m.to_dict() for m in self.metrics], **({"case": self.case} if self.case else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LevelComparison:
         return cls(int(data["concurrency"]), [MetricComparison.from_dict(m) for m in data.get("metrics") or ()],
-                   str(data.get("note") or ""))
+                   str(data.get("note") or ""), data.get("case"))
 
 
 @dataclass
@@ -175,8 +176,8 @@ class RecordComparison:
     def regressed(self) -> bool:
         return bool(self.regressions)
 
-    def level(self, concurrency: int) -> LevelComparison | None:
-        return next((lv for lv in self.levels if lv.concurrency == concurrency), None)
+    def level(self, concurrency: int, case: str | None = None) -> LevelComparison | None:
+        return next((lv for lv in self.levels if lv.concurrency == concurrency and lv.case == case), None)
 
     def summary(self) -> str:
         counts = {s: len(self.with_status(s)) for s in STATUS_ORDER}
@@ -257,8 +258,15 @@ class LevelResult:
     verdict: Verdict = field(default_factory=lambda: Verdict(""))
     floor: FloorRef | None = None
     comparison: LevelComparison | None = None
+    # A user test's level is named by its case id (the test, its parameters, the level),
+    # so a baseline pairs it with the same test's level; the suite's levels have none.
+    case: str | None = None
     # The trial a record names as the level's own (its JSON ``metrics``), when it names one.
     named: Trial | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.concurrency, self.case or ""
 
     @property
     def metrics(self) -> Trial | None:
@@ -275,6 +283,7 @@ class LevelResult:
         median = self.metrics
         return {
             "concurrency": self.concurrency,
+            **({"case": self.case} if self.case else {}),
             "floor": self.floor.tok_s if self.floor else None,
             "floor_metric": self.floor.metric if self.floor else None,
             "floor_note": self.floor.note if self.floor else None,
@@ -300,6 +309,7 @@ class LevelResult:
             floor=FloorRef(float(floor), str(data.get("floor_metric") or "output_tok_s"), data.get("floor_note"))
             if isinstance(floor, (int, float)) and not isinstance(floor, bool) else None,
             comparison=LevelComparison.from_dict(data["comparison"]) if data.get("comparison") else None,
+            case=data.get("case"),
         )
 
 
@@ -371,13 +381,17 @@ class RunRecord:
     def workload_name(self) -> str:
         return str(self.workload.get("name") or "")
 
-    def level(self, concurrency: int) -> LevelResult | None:
-        return next((lv for lv in self.levels if lv.concurrency == concurrency), None)
+    @property
+    def key(self) -> tuple[str, str]:
+        """(topology, workload): what the record measured, as baselines, comparisons and reports key it."""
+        return self.topology_name, self.workload_name
+
+    def level(self, concurrency: int, case: str | None = None) -> LevelResult | None:
+        return next((lv for lv in self.levels if lv.key == (concurrency, case or "")), None)
 
     def put_level(self, level: LevelResult) -> None:
         """Add or replace (a re-run level) one level, keeping them in concurrency order."""
-        self.levels = sorted([lv for lv in self.levels if lv.concurrency != level.concurrency] + [level],
-                             key=lambda lv: lv.concurrency)
+        self.levels = sorted([lv for lv in self.levels if lv.key != level.key] + [level], key=lambda lv: lv.key)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {

@@ -4,7 +4,8 @@ For teams that keep ``.benchmarks/`` and read it with ``pytest-benchmark
 compare``. What is exported, and why it is honest:
 
 - One pytest-benchmark "benchmark" per measured level, named
-  ``mm27[<topology>-c<concurrency>]``, grouped per topology + workload +
+  ``mm27[<topology>-c<concurrency>]`` (a user test's level adds its case:
+  ``mm27[<topology>-c<concurrency>-<case>]``), grouped per topology + workload +
   hardware profile. Its unit is pytest-benchmark's own: **seconds** — here
   seconds per output token, ``1 / output_tok_s`` of each trial (the wall
   time of the measured window divided by the tokens generated in it).
@@ -127,19 +128,23 @@ def to_pytest_benchmark(records: Sequence[RunRecord | Mapping[str, Any]]) -> dic
         profile = ("sim-" if rec.hardware.simulated else "") + str(rec.hardware.profile)
         for level in rec.levels:
             c = level.concurrency
+            param = f"{topo}-c{c}" + (f"-{level.case}" if level.case else "")
             reason = invalid_reason(level, float(rec.options.get("max_error_rate") or 0.0))
             tok_s = [t.output_tok_s for t in level.trials]
             if reason is None and not all(isinstance(v, (int, float)) and v > 0 for v in tok_s):
                 reason = "no output tokens"
             if reason is not None:
-                skipped.append({"topology": topo, "concurrency": c, "reason": reason})
+                skipped.append({"topology": topo, "concurrency": c, "reason": reason,
+                                **({"case": level.case} if level.case else {})})
                 continue
             benchmarks.append({
                 "group": f"mm27 {topo} · {workload} · {profile} (seconds per output token)",
-                "name": f"mm27[{topo}-c{c}]",
-                "fullname": f"pytest_mm27/{profile}/{workload}::{topo}[c{c}]",
-                "params": {"topology": topo, "concurrency": c, "workload": workload, "hardware": profile},
-                "param": f"{topo}-c{c}",
+                "name": f"mm27[{param}]",
+                "fullname": f"pytest_mm27/{profile}/{workload}::{topo}[c{c}" + (f"-{level.case}" if level.case else "")
+                            + "]",
+                "params": {"topology": topo, "concurrency": c, "workload": workload, "hardware": profile,
+                           **({"case": level.case} if level.case else {})},
+                "param": param,
                 "extra_info": {
                     "unit": "seconds per output token = 1 / output tok/s of one trial",
                     "output_tok_s": tok_s, "engine": rec.engine.name, "engine_version": rec.engine.version,

@@ -18,7 +18,7 @@ from ..gate.specs import METRICS
 from ..records.model import (
     IMPROVED, INVALID, MISSING, REGRESSED, MetricComparison, RecordComparison, RunRecord, as_record,
 )
-from .terminal import fmt_number, percentile_of, record_title, sensitivity_lines, tolerance_text, verdict_label
+from .terminal import fmt_number, keyed, percentile_of, record_title, sensitivity_lines, tolerance_text, verdict_label
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 _ICON = {REGRESSED: "❌ regressed", IMPROVED: "✅ improved", INVALID: "⚠️ invalid", MISSING: "➖ missing",
@@ -77,10 +77,10 @@ def record_section(record: RunRecord | Mapping[str, Any], comparison: RecordComp
         lines += [f"No comparison: {note}", ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" if i < 10 else "---" for i in
                                                                range(len(HEADER))) + "|"]
-    by_c = {lv.concurrency: lv for lv in comparison.levels} if comparison else {}
+    by_key = {(lv.concurrency, lv.case or ""): lv for lv in comparison.levels} if comparison else {}
     for entry in record.levels:
         m = entry.metrics
-        lvc = by_c.get(entry.concurrency)
+        lvc = by_key.get(entry.key)
         tp, ttft, tpot, err = ((lvc.get(n) if lvc else None) for n in ("throughput", "ttft_p99", "tpot_p50",
                                                                         "error_rate"))
         # With a comparison the values are geometric means over trials (the numbers that were judged).
@@ -94,15 +94,15 @@ def record_section(record: RunRecord | Mapping[str, Any], comparison: RecordComp
             errors += f" ({_change(err)})"
         gate = _ICON.get(lvc.status, lvc.status) if lvc else "–"
         lines.append("| " + " | ".join(_cell(x) for x in (
-            entry.concurrency, _fmt("throughput", now_tp), _fmt("throughput", tp.baseline if tp else None),
+            f"{entry.concurrency} ({entry.case})" if entry.case else entry.concurrency, _fmt("throughput", now_tp), _fmt("throughput", tp.baseline if tp else None),
             _change(tp), _fmt("ttft_p99", now_ttft), _fmt("ttft_p99", ttft.baseline if ttft else None),
             _change(ttft), _fmt("tpot_p50", now_tpot), _fmt("tpot_p50", tpot.baseline if tpot else None),
             _change(tpot), errors, _num(entry.floor.tok_s if entry.floor else None),
             verdict_label(entry, empty="–"), gate)) + " |")
     if comparison is not None:
-        measured = {e.concurrency for e in record.levels}
+        measured = {e.key for e in record.levels}
         for lv in comparison.levels:
-            if lv.concurrency not in measured:
+            if (lv.concurrency, lv.case or "") not in measured:
                 lines.append(f"| {lv.concurrency} | – | {_fmt('throughput', (lv.get('throughput') or _Nil).baseline)}"
                              f" | – | – | – | – | – | – | – | – | – | – | {_ICON[lv.status]} |")
     lines.append("")
@@ -128,19 +128,20 @@ class _Nil:
 
 
 def markdown_report(records: Sequence[RunRecord | Mapping[str, Any]],
-                    comparisons: Mapping[str, RecordComparison] | Sequence[RecordComparison | None] | None = None,
-                    *, title: str = "pytest-mm27 results", notes: Mapping[str, str] | None = None) -> str:
-    """The whole report. ``comparisons`` by topology name, or a list aligned with ``records``.
+                    comparisons: Mapping[Any, RecordComparison] | Sequence[RecordComparison | None] | None = None,
+                    *, title: str = "pytest-mm27 results", notes: Mapping[Any, str] | None = None) -> str:
+    """The whole report. ``comparisons`` by record key (topology, workload) or topology name,
+    or a list aligned with ``records``.
 
-    ``notes`` (by topology) explain a missing comparison, e.g. "no baseline ...".
+    ``notes`` (keyed the same way) explain a missing comparison, e.g. "no baseline ...".
     """
     records = [as_record(r) for r in records]
     if comparisons is None:
-        by_topo: dict[str, RecordComparison] = {}
+        by_topo: dict[Any, RecordComparison] = {}
     elif isinstance(comparisons, Mapping):
         by_topo = dict(comparisons)
     else:
-        by_topo = {rec.topology_name: c for rec, c in zip(records, comparisons) if c is not None}
+        by_topo = {rec.key: c for rec, c in zip(records, comparisons) if c is not None}
     statuses = [c.status for c in by_topo.values()]
     regressed = sum(1 for c in by_topo.values() if c.regressed)
     summary = (f"**{regressed} of {len(by_topo)} compared topologies regressed**" if regressed
@@ -148,7 +149,7 @@ def markdown_report(records: Sequence[RunRecord | Mapping[str, Any]],
                if statuses else "No baseline comparison")
     lines = [f"# {title}", "", summary + f"; {len(records)} run record(s).", ""]
     for rec in records:
-        lines += record_section(rec, by_topo.get(rec.topology_name), note=(notes or {}).get(rec.topology_name))
+        lines += record_section(rec, keyed(by_topo, rec), note=keyed(notes or {}, rec))
     return "\n".join(lines).rstrip() + "\n"
 
 

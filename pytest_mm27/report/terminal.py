@@ -13,6 +13,11 @@ from ..records.model import (
 )
 
 
+def keyed(table: Mapping[Any, Any], record: RunRecord) -> Any:
+    """The entry for ``record``: by its key (topology, workload), else by its topology's name."""
+    return table.get(record.key, table.get(record.topology_name))
+
+
 def fmt_number(value: Any, spec: str = ",.0f", suffix: str = "", missing: str = "-") -> str:
     if value is None:
         return missing
@@ -73,8 +78,11 @@ def level_rows(levels: Sequence[LevelResult | Mapping[str, Any]]) -> list[tuple[
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
+    # Numbers right-aligned; the last column (verdicts) and a "case" column (test names) left-aligned.
+    left = {len(header) - 1} | {i for i, h in enumerate(header) if h == "case"}
+
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i < len(cells) - 1 else c.ljust(w)
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
@@ -87,11 +95,20 @@ def record_title(record: RunRecord | Mapping[str, Any]) -> str:
             + f" · workload {record.workload_name} · hardware {record.hardware.profile}")
 
 
+def _with_cases(columns: Sequence[str], rows: list[tuple[str, ...]],
+                levels: Sequence[Any]) -> tuple[Sequence[str], list[tuple[str, ...]]]:
+    """A first column naming each level's test case, when a user test measured any."""
+    if not any(lv.case for lv in levels):
+        return columns, rows
+    return ("case", *columns), [(lv.case or "-", *row) for lv, row in zip(levels, rows)]
+
+
 def record_table(record: RunRecord | Mapping[str, Any]) -> list[str]:
     record = as_record(record)
     lines = [record_title(record)]
     columns = (*COLUMNS[:-1], *GPU_COLUMNS, COLUMNS[-1]) if _has_gpu(record.levels) else COLUMNS
-    lines += ["  " + ln for ln in render_table(columns, level_rows(record.levels))]
+    columns, rows = _with_cases(columns, level_rows(record.levels), record.levels)
+    lines += ["  " + ln for ln in render_table(columns, rows)]
     if record.levels:
         lines.append("  (* peak output tok/s)")
     for err in record.errors:
@@ -124,12 +141,12 @@ COMPARISON_COLUMNS = ("conc", "output tok/s", "baseline", "Δ", "TTFT p99", "bas
 def comparison_rows(comparison: RecordComparison,
                     record: RunRecord | Mapping[str, Any] | None = None) -> list[tuple[str, ...]]:
     """One row per level; ``record`` adds its floor and floor verdict columns."""
-    by_c = {lv.concurrency: lv for lv in as_record(record).levels} if record is not None else {}
+    by_key = {lv.key: lv for lv in as_record(record).levels} if record is not None else {}
     rows = []
     for lv in comparison.levels:
         tp, ttft, tpot, err = (lv.get(n) for n in ("throughput", "ttft_p99", "tpot_p50", "error_rate"))
         noise = f"±{tp.noise:.1%}" if tp is not None and tp.noise is not None else "-"
-        entry = by_c.get(lv.concurrency)
+        entry = by_key.get((lv.concurrency, lv.case or ""))
         floor = fmt_number(entry.floor.tok_s) if entry is not None and entry.floor else "-"
         rows.append((str(lv.concurrency), _val(tp, "now"), _val(tp, "baseline"), _delta(tp),
                      _val(ttft, "now"), _val(ttft, "baseline"), _delta(ttft),
@@ -163,7 +180,8 @@ def comparison_lines(comparison: RecordComparison, record: RunRecord | Mapping[s
         lines.append("  measured on another host: " + "; ".join(comparison.host_differences))
     if comparison.definition_differences:
         lines.append("  defined differently: " + "; ".join(comparison.definition_differences))
-    lines += ["  " + ln for ln in render_table(COMPARISON_COLUMNS, comparison_rows(comparison, record))]
+    columns, rows = _with_cases(COMPARISON_COLUMNS, comparison_rows(comparison, record), comparison.levels)
+    lines += ["  " + ln for ln in render_table(columns, rows)]
     lines.append("  (Δ: change vs baseline; ! regressed, + improved, ? not compared; noise: "
                  f"{comparison.confidence:.0%} interval of the throughput ratio; tolerances "
                  f"{tolerance_text(comparison.tolerances)})")
@@ -173,7 +191,7 @@ def comparison_lines(comparison: RecordComparison, record: RunRecord | Mapping[s
             if verbose or m.status in (REGRESSED, IMPROVED):
                 lines.append(f"  {m.message}")
         if lv.note:
-            lines.append(f"  c={lv.concurrency} {lv.status}: {lv.note}")
+            lines.append(f"  c={lv.concurrency}{f' [{lv.case}]' if lv.case else ''} {lv.status}: {lv.note}")
     for m in comparison.sweep:
         if verbose or m.status in (REGRESSED, IMPROVED):
             lines.append(f"  {m.message}")
