@@ -49,7 +49,11 @@ SLOW_OPTION = "--no-async-scheduling"
 # name -> (pytest args or None for the cross-check, results folder, rough seconds)
 STEPS: dict[str, tuple[list[str] | None, str, int]] = {
     "8b-baseline": (["--topology", GPU_BOUND, "--save-baseline", "--force"], "results", 280),
+    # The GPU-bound levels only (c=256 is front-end bound on one API server): fits one device call.
+    "8b-baseline-gpu": (["--topology", GPU_BOUND, "--concurrency", "1,16,64", "--save-baseline", "--force"],
+                        "results", 300),
     "8b-nightly": (["--topology", GPU_BOUND, "--baseline", "auto"], "results", 120),
+    "8b-nightly-gpu": (["--topology", GPU_BOUND, "--concurrency", "1,16,64", "--baseline", "auto"], "results", 170),
     "8b-slow-nightly": (["--topology", GPU_BOUND, "--topology-dir", "{slow}", "--baseline", "auto"], "results", 120),
     "8b-slow-long": (["--topology", GPU_BOUND, "--topology-dir", "{slow}", "--trials", "3",
                       "--concurrency", "16,64", "--precision", "0.5%", "--max-window", "40"], "results-long", 220),
