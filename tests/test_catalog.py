@@ -90,7 +90,7 @@ def test_shipped_topologies_name_workloads_that_exist():
 def test_gpu_8b_topology():
     topo = load_catalog(catalog_dirs("topologies")).get("gpu-8b-tp1")
     assert (topo.model.make, topo.model.spec, topo.tensor_parallel, topo.gpus) == ("llama-8b-shape", "llama-8b-shape", 1, 1)
-    assert (topo.hardware, topo.concurrency_levels, topo.max_model_len) == ("h100-sxm", (1, 16, 64, 256), 4096)
+    assert (topo.hardware, topo.concurrency_levels, topo.max_model_len) == ("h100-sxm", (1, 16, 64), 4096)
     assert "dummy" in topo.vllm_args and "bfloat16" in topo.vllm_args
     assert topo.startup_timeout_s >= 600
 
