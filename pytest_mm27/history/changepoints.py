@@ -18,6 +18,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..stats import t_cdf, t_ppf
+from .dialect import HistoryError
+
+INSTALL_HINT = "pip install ruptures (or pip install 'pytest-mm27[history]')"
+
+
+class ChangePointsUnavailable(HistoryError):
+    """ruptures (and so NumPy and SciPy) is not installed: the history is kept, not analysed."""
+
+
+def load_ruptures() -> object:
+    try:
+        import ruptures
+    except ImportError as exc:
+        raise ChangePointsUnavailable(f"change points need ruptures, which is not installed ({exc}); "
+                                      f"{INSTALL_HINT}. The history is still written.") from None
+    return ruptures
 
 MIN_SIZE = 3            # runs on each side of a change: one odd night is not a shift
 ALPHA = 0.001           # two-sided significance a change point must reach
@@ -105,11 +121,12 @@ def find_change_points(values: Sequence[float], *, higher_is_better: bool, min_s
         sigma = math.sqrt(sum((x - mean) ** 2 for x in logs) / n) or 0.0
         if sigma <= 0.0:
             return []
-    import numpy as np
-    import ruptures as rpt
+    rpt = load_ruptures()
+    import numpy as np      # a dependency of ruptures
 
     z = (np.asarray(logs) - float(np.median(logs))) / sigma
-    algo = rpt.Pelt(model="l2", min_size=min_size, jump=1).fit(z.reshape(-1, 1))
+    algo = rpt.Pelt(  # type: ignore[attr-defined]
+        model="l2", min_size=min_size, jump=1).fit(z.reshape(-1, 1))
     bkps = [b for b in algo.predict(pen=penalty_per_log_n * math.log(n)) if b < n]
     # Otava's pruning: drop the least significant candidate until every one passes.
     while bkps:

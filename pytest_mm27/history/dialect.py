@@ -133,7 +133,7 @@ class PostgresDialect(Dialect):
         try:
             return psycopg.connect(self.url, autocommit=True, connect_timeout=30)
         except psycopg.Error as exc:
-            raise HistoryError(f"history database {self.where}: cannot connect: {str(exc).strip()}") from exc
+            raise HistoryError(f"history database {self.where}: cannot connect: {' '.join(str(exc).split())}") from exc
 
     def sql(self, text: str) -> str:
         return text.replace("%", "%%").replace("?", "%s")

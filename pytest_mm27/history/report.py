@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from ..report.plots import _figure, _safe
+from .changepoints import ChangePointsUnavailable
 from .gate import SeriesVerdict, judge_series
 from .series import HISTORY_METRICS, Point, RunInfo, SeriesKey
 
@@ -20,9 +21,14 @@ Series = Mapping[SeriesKey, Sequence[tuple[RunInfo, Point]]]
 Group = tuple[str, str, str]
 
 
-def _verdicts(series: Series, group: Group) -> dict[SeriesKey, SeriesVerdict]:
-    return {k: judge_series(k, v, HISTORY_METRICS[k.metric].tolerance) for k, v in series.items()
-            if k.group == group and k.metric in HISTORY_METRICS}
+def _verdicts(series: Series, group: Group) -> tuple[dict[SeriesKey, SeriesVerdict], str]:
+    """Each series' change points; without ruptures, none, and the reason (the table still shows)."""
+    keys = [k for k in series if k.group == group and k.metric in HISTORY_METRICS]
+    try:
+        return {k: judge_series(k, series[k], HISTORY_METRICS[k.metric].tolerance) for k in keys}, ""
+    except ChangePointsUnavailable as exc:
+        return {k: SeriesVerdict(k, [r for r, p in series[k] if p.valid], [], None, None, 0.0, False)
+                for k in keys}, str(exc)
 
 
 def _level(key: SeriesKey) -> str:
@@ -31,7 +37,7 @@ def _level(key: SeriesKey) -> str:
 
 def group_table(series: Series, group: Group, last: int = 10) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows newest last, notes) for one group's throughput over its last ``last`` runs."""
-    verdicts = _verdicts(series, group)
+    verdicts, unavailable = _verdicts(series, group)
     tp_keys = sorted((k for k in verdicts if k.metric == "throughput"), key=lambda k: (k.case, k.concurrency))
     runs: dict[int, RunInfo] = {}
     for k in tp_keys:
@@ -63,7 +69,9 @@ def group_table(series: Series, group: Group, last: int = 10) -> tuple[list[str]
             notes.append(f"{_level(k)} {k.metric}: newest change point a {kind} of {cp.shift.text()} at "
                          f"{v.runs[cp.index].describe()}" + (" — FAILS the history gate" if v.failed else ""))
     n_runs = len(runs)
-    if n_runs and not notes:
+    if unavailable:
+        notes.append(unavailable)
+    elif n_runs and not notes:
         notes.append(f"no change point in {n_runs} run(s)" + (" (change points need 6 runs or more)"
                                                               if n_runs < 6 else ""))
     return header, rows, notes
@@ -110,7 +118,7 @@ def plot_history(series: Series, groups: Collection[Group] | None, out_dir: Path
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for group in [g for g in groups_of(series) if groups is None or g in groups]:
-        verdicts = _verdicts(series, group)
+        verdicts, _ = _verdicts(series, group)
         for metric in HISTORY_METRICS.values():
             keys = sorted((k for k in verdicts if k.metric == metric.name), key=lambda k: (k.case, k.concurrency))
             if not keys:
