@@ -3,7 +3,7 @@
 Judged over the whole history of each (hardware, topology, workload, level,
 metric) the session measured. The shift is measured from the segment before
 the first of the newest run of regressions (a slow drift is a staircase of
-small steps) to the newest segment, and the message names the first bad run,
+small steps) to the newest runs of the newest segment, and the message names the first bad run,
 its commit and engine version, and the shift with its interval. No pytest.
 """
 
@@ -16,6 +16,10 @@ from .changepoints import ChangePoint, Shift, find_change_points, regression_cha
 from .series import HISTORY_METRICS, Point, RunInfo, SeriesKey
 
 import math
+
+# The "now" side of a shift: the newest segment's last runs, at most a week of nightlies.
+# Under a slow drift the whole segment's mean lags the present; after a step the two agree.
+RECENT_RUNS = 7
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ def judge_values(key: SeriesKey, runs: list[RunInfo], values: Sequence[float], c
     first = chain[0]
     before_start = cps[cps.index(first) - 1].index if cps.index(first) > 0 else 0
     logs = [math.log(v) for v in values]
-    shift = welch(logs[before_start:first.index], logs[chain[-1].index:]) if len(chain) > 1 else first.shift
+    recent = max(chain[-1].index, len(logs) - RECENT_RUNS)
+    shift = welch(logs[before_start:first.index], logs[recent:])
     higher = HISTORY_METRICS[key.metric].higher_is_better
     past = shift.ratio < 1.0 - tolerance if higher else shift.ratio > 1.0 + tolerance
     # Past the tolerance and not noise: the interval leaves no-change out.

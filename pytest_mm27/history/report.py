@@ -39,25 +39,25 @@ def group_table(series: Series, group: Group, last: int = 10) -> tuple[list[str]
     """(header, rows newest last, notes) for one group's throughput over its last ``last`` runs."""
     verdicts, unavailable = _verdicts(series, group)
     tp_keys = sorted((k for k in verdicts if k.metric == "throughput"), key=lambda k: (k.case, k.concurrency))
-    runs: dict[int, RunInfo] = {}
+    runs: dict[RunInfo, RunInfo] = {}
     for k in tp_keys:
         for run, _ in series[k]:
-            runs[run.seq] = run
+            runs[run] = run
     ordered = list(runs.values())[-last:] if last > 0 else list(runs.values())
-    marks: dict[tuple[SeriesKey, int], str] = {}
+    marks: dict[tuple[SeriesKey, RunInfo], str] = {}
     for k in tp_keys:
         v = verdicts[k]
         for cp in v.change_points:
-            marks[(k, v.runs[cp.index].seq)] = " ▼" if cp.regression else " ▲"
-    values = {(k, run.seq): p for k in tp_keys for run, p in series[k]}
+            marks[(k, v.runs[cp.index])] = " ▼" if cp.regression else " ▲"
+    values = {(k, run): p for k in tp_keys for run, p in series[k]}
     header = ["run", "time", "commit", "engine", *[f"tok/s {_level(k)}" for k in tp_keys]]
     rows = []
     for run in ordered:
         cells = []
         for k in tp_keys:
-            p = values.get((k, run.seq))
+            p = values.get((k, run))
             cell = "–" if p is None else f"{p.value:,.0f}" + ("" if p.valid else " (invalid)")
-            cells.append(cell + marks.get((k, run.seq), ""))
+            cells.append(cell + marks.get((k, run), ""))
         rows.append([run.run_id, (run.created_at or "?")[:16], (run.git_commit or "?")[:10],
                      f"{run.engine} {run.engine_version or '?'}".strip(), *cells])
     notes = []
