@@ -57,8 +57,9 @@ class Shift:
         return self.ratio - 1.0
 
     def text(self) -> str:
+        p = f"p={self.p_value:.2g}" if self.p_value >= 1e-15 else "p<1e-15"
         return (f"{self.change:+.1%} [{self.low - 1:+.1%}, {self.high - 1:+.1%}] "
-                f"({CONFIDENCE:.0%} interval, p={self.p_value:.2g}, {self.n_before} vs {self.n_after} runs)")
+                f"({CONFIDENCE:.0%} interval, {p}, {self.n_before} vs {self.n_after} runs)")
 
 
 @dataclass(frozen=True)
