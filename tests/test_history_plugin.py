@@ -11,10 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_plugin import records, run, setup
 
 from pytest_mm27.history import append_run
 from pytest_mm27.records.model import as_record
-from test_plugin import records, run, setup
 
 
 def history_runs(db: Path) -> list[str]:

@@ -79,7 +79,7 @@ def test_append_and_read_back(location: str) -> None:
     assert runs[1].git_commit == f"{1:040x}" and runs[1].source == "runs/1/dp3.json"
     tp = [k for k in series if k.metric == "throughput" and k.concurrency == 16]
     assert len(tp) == 1 and len(series[tp[0]]) == 3
-    run, point = series[tp[0]][2]
+    _, point = series[tp[0]][2]
     trials = [t.output_tok_s for t in records[2].level(16).trials]
     assert point.value == pytest.approx(math.exp(sum(map(math.log, trials)) / 2))
     assert (point.low, point.high, point.trials) == (min(trials), max(trials), 2)

@@ -115,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{rate(sum(f for f, _ in steps), n)}")
     print(f"  {args.step:.0%} step fails the history gate:           {rate(sum(g for _, g in steps), n)}")
     false_cps = sum(c for c, _ in flats)
-    lo, hi = wilson(sum(1 for c, _ in flats if c), n)
     print(f"  flat: false change points per 100 series (goal < 1): {100 * false_cps / n:.2f} "
           f"(series with any: {rate(sum(1 for c, _ in flats if c), n)})")
     print(f"  flat: gate failures:                                 {rate(sum(g for _, g in flats), n)}")

@@ -123,7 +123,7 @@ def find_change_points(values: Sequence[float], *, higher_is_better: bool, min_s
         if sigma <= 0.0:
             return []
     rpt = load_ruptures()
-    import numpy as np      # a dependency of ruptures
+    import numpy as np  # a dependency of ruptures
 
     z = (np.asarray(logs) - float(np.median(logs))) / sigma
     algo = rpt.Pelt(  # type: ignore[attr-defined]

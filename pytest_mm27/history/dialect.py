@@ -26,7 +26,7 @@ class HistoryError(Mm27Error):
 
 
 def is_url(location: str) -> bool:
-    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", location, re.I))
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", location, re.IGNORECASE))
 
 
 def redact_url(url: str) -> str:

@@ -9,13 +9,12 @@ its commit and engine version, and the shift with its interval. No pytest.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from .changepoints import ChangePoint, Shift, find_change_points, regression_chain, welch
 from .series import HISTORY_METRICS, Point, RunInfo, SeriesKey
-
-import math
 
 # The "now" side of a shift: the newest segment's last runs, at most a week of nightlies.
 # Under a slow drift the whole segment's mean lags the present; after a step the two agree.

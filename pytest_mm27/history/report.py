@@ -93,8 +93,8 @@ def markdown_history(series: Series, groups: Collection[Group] | None = None, *,
                                                                for i in range(len(header))) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         lines += ["", *[f"- {n}" for n in notes], ""]
-    lines += ["<sub>▼ first run after a change point that is a regression, ▲ an improvement (PELT on log values "
-              "with a Welch t-test per shift; intervals 95 %).</sub>", ""]
+    lines += [("<sub>▼ first run after a change point that is a regression, ▲ an improvement (PELT on log values "
+               "with a Welch t-test per shift; intervals 95 %).</sub>"), ""]
     return "\n".join(lines)
 
 

@@ -160,7 +160,7 @@ class HistoryStore:
     def append(self, record: RunRecord, source: str | Path = "") -> Appended:
         info = run_info(record, str(source))
         points = record_points(record)
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         with self._transaction() as cur:
             self.dialect.lock_schema(cur)
             self._check_schema(cur, create=True)
