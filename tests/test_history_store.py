@@ -37,7 +37,10 @@ def pg_url() -> Iterator[str]:
     """A fresh database on the test server, dropped afterwards (xdist workers never share one)."""
     base = os.environ.get(PG_ENV)
     if not base:
-        pytest.skip(f"${PG_ENV} not set (.ci/postgres.sh starts a server and sets it)")
+        why = f"${PG_ENV} not set (.ci/postgres.sh starts a server and sets it)"
+        if os.environ.get("MM27_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"MM27_REQUIRE_POSTGRES=1 but {why}", pytrace=False)
+        pytest.skip(why)
     psycopg = pytest.importorskip("psycopg")
     name = f"mm27_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(base, autocommit=True) as conn:
