@@ -146,7 +146,8 @@ def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[BaselineKey, str]
                                         comparisons=summary.comparisons, stems=[p.stem for p in summary.paths]):
                 summary.lines.append(f"plot: {written}")
             if cfg.history is not None:
-                for written in _history_report(cfg, summary, cfg.plots_dir)[1]:
+                # in a folder of their own: one PNG per metric, beside the sweep's two per record
+                for written in _history_report(cfg, summary, cfg.plots_dir / "history")[1]:
                     summary.lines.append(f"plot: {written}")
         if cfg.pytest_benchmark_json is not None:
             written = export_pytest_benchmark(summary.records, cfg.pytest_benchmark_json)

@@ -76,8 +76,9 @@ def test_gate_history_fails_naming_the_first_bad_run(no_leftovers):
     setup(pytester, levels="[1]")
     run(pytester, "--topology", "tiny").assert_outcomes(passed=1)
     [record] = records(pytester)
-    # 12 nights 40 % faster, then one like today: with the first run and this one, three slow nights.
-    seed_history(pytester, record, old=12, old_factor=1.4, recent=1)
+    # 12 nights 40 % faster, then two like today: with the first run, three slow nights even when
+    # this run is client-bound on a loaded box (then kept, not judged).
+    seed_history(pytester, record, old=12, old_factor=1.4, recent=2)
     result = run(pytester, "--topology", "tiny", "--gate", "history", "--plots-dir", "plots")
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -85,7 +86,7 @@ def test_gate_history_fails_naming_the_first_bad_run(no_leftovers):
         "*history gate: 1 of * series regressed*",
         "*FAILED: history: sim-*/tiny/quick c=1 throughput regressed -* [[]-*, -*[]] (95% interval, p*"
         "slower; tolerance 5%; first bad run recent-12 (commit 1212121212*, sim *"])
-    assert list(pytester.path.glob("plots/history-*-throughput.png"))
+    assert list(pytester.path.glob("plots/history/history-*-throughput.png"))
 
 
 def test_gate_history_passes_a_flat_history(no_leftovers):
@@ -97,7 +98,7 @@ def test_gate_history_passes_a_flat_history(no_leftovers):
     result = run(pytester, "--topology", "tiny", "--gate", "history", "--regression-tolerance", "throughput=30%")
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.OK
-    result.stdout.fnmatch_lines(["*history gate: 0 of * series regressed (up to 14 run(s) each)*"])
+    result.stdout.fnmatch_lines(["*history gate: 0 of * series regressed (up to 1? run(s) each)*"])
 
 
 def test_unusable_history_fails_the_session_and_keeps_the_record(no_leftovers):

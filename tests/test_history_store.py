@@ -99,12 +99,12 @@ def test_append_is_idempotent_per_run(location: str) -> None:
 
 
 def test_client_bound_levels_are_kept_but_not_valid(location: str) -> None:
-    data = make_record(trials=1, client_bound=[16], levels=(1, 16))
+    data = make_record(trials=1, client_bound=[16], levels=(1, 4, 16))    # its verdict still says pass
     data["levels"][1]["verdict"]["status"] = "invalid"
     append_run(location, [as_record(data)], ["x.json"])
     with HistoryStore(location) as store:
         valid = {(k.concurrency, p.valid) for k, pts in store.series().items() for _, p in pts}
-    assert valid == {(1, True), (16, False)}
+    assert valid == {(1, True), (4, False), (16, False)}
 
 
 def _writer(location: str, worker: int, n: int) -> None:

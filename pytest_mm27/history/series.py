@@ -123,7 +123,8 @@ def run_info(record: RunRecord, source: str = "") -> RunInfo:
 def record_points(record: RunRecord) -> list[Point]:
     points: list[Point] = []
     for level in record.levels:
-        valid = level.verdict.status not in (INVALID, ERROR)
+        # Client-bound numbers measure the client, not the server: kept, never judged (as the baseline gate).
+        valid = level.verdict.status not in (INVALID, ERROR) and not any(t.client_bound for t in level.trials)
         for metric in METRIC_LIST:
             values = [v for v in (metric.extract(t) for t in level.trials) if v is not None and v > 0
                       and math.isfinite(v)]
