@@ -159,3 +159,15 @@ def test_reports_mark_change_points(tmp_path) -> None:
     assert sorted(p.name for p in paths) == ["history-h200--dp3--default-throughput.png",
                                              "history-h200--dp3--default-ttft_p99.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+def test_accuracy_benchmark_prints_every_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_mm27.benchmarks.history_accuracy import main, wilson
+
+    assert main(["--series", "3", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("step found at its night +-1 (goal >= 95%):", "false change points per 100 series (goal < 1):",
+                   "drift flagged within 4 weeks of passing 5%", "(3/3)"):
+        assert needle in out
+    lo, hi = wilson(95, 100)
+    assert 0.88 < lo < 0.95 < hi < 0.98

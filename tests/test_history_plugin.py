@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_history_store import pg_url  # noqa: F401  (fixture)
 from test_plugin import records, run, setup
 
 from pytest_mm27.history import append_run
@@ -148,3 +149,16 @@ def test_record_json_unchanged_by_history(tmp_path: Path) -> None:
     assert "history gate: 0 of 42 series regressed (up to 1 run(s) each)" in summary.lines   # 6 levels x 7 metrics
     assert (run_dir / "dp3.json").read_bytes() == before
     assert json.loads(before)["run_id"] == "synthetic-0"
+
+
+def test_postgresql_history_by_option(no_leftovers, pg_url):
+    pytester = no_leftovers
+    setup(pytester, levels="[1]")
+    result = run(pytester, "--topology", "tiny", "--history", pg_url, "--gate", "history")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*history: 1 run record(s) appended to postgresql://*",
+                                 "*history gate: 0 of 7 series regressed (up to 1 run(s) each)*"])
+    from pytest_mm27.history import HistoryStore
+    with HistoryStore(pg_url) as store:
+        assert [r.run_id for r in store.runs()] == [r["run_id"] for r in records(pytester)]
