@@ -61,6 +61,10 @@ class Dialect:
     def is_driver_error(self, exc: BaseException) -> bool:
         raise NotImplementedError
 
+    def explain(self, exc: BaseException) -> str:
+        """A driver error as a message that names the database and says what to do."""
+        return f"history database {self.where}: {exc}"
+
 
 class SqliteDialect(Dialect):
     name = "sqlite"
