@@ -19,7 +19,8 @@ from typing import Any
 from .engines import parse_engine
 from .gate.specs import parse_tolerances
 from .parsing import (
-    parse_concurrency, parse_endpoint, parse_error_rate, parse_non_negative_float, parse_positive_float,
+    HISTORY_OFF, parse_concurrency, parse_endpoint, parse_error_rate, parse_gate, parse_history,
+    parse_non_negative_float, parse_positive_float,
     parse_positive_int, parse_precision, parse_sim_fault, split_names,
 )
 from .errors import ConfigError
@@ -62,6 +63,8 @@ class Mm27Config:
     plots_dir: Path | None = None
     pytest_benchmark_json: Path | None = None
     progress_every_s: float = 5.0           # progress lines on a non-terminal; 0: no live progress
+    history: str | None = None              # SQLite path or postgresql:// URL; None: keep no history
+    gate: str | None = None                 # "history": judge change points over the history too
 
     @property
     def baselines_dir(self) -> Path:
@@ -97,6 +100,16 @@ def _convert(name: str, value: Any, parse: Callable[[str], Any]) -> Any:
         return parse(value)
     except argparse.ArgumentTypeError as exc:
         raise ConfigError(str(exc), source="ini", field=name) from None
+
+
+def _history_location(value: Any, results_dir: Path, path: Callable[[str], Path]) -> str | None:
+    """Default: <results>/history.sqlite; a URL as given; a path relative to the rootdir; off: none."""
+    if value in (None, ""):
+        return str(results_dir / "history.sqlite")
+    text = _convert("mm27_history", value, parse_history)
+    if text.lower() in HISTORY_OFF:
+        return None
+    return text if "://" in text else str(path(text))
 
 
 def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
@@ -158,6 +171,17 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         progress_every_s=_convert("mm27_progress_every", get("progress_every"), parse_non_negative_float)
         if get("progress_every") is not None else 5.0,
     )
+    history = _history_location(get("history"), cfg.results_dir, path)
+    gate = _convert("mm27_gate", get("gate"), parse_gate) if get("gate") else None
+    if gate == "history" and history is None:
+        raise ConfigError("--gate history needs a history; --history is off", field="--history")
+    if gate == "history":
+        from .history.changepoints import ChangePointsUnavailable, load_ruptures
+        try:
+            load_ruptures()     # before anything boots, not after the night's sweep
+        except ChangePointsUnavailable as exc:
+            raise ConfigError(str(exc), field="--gate") from None
+    cfg = Mm27Config(**{**cfg.__dict__, "history": history, "gate": gate})
     if cfg.engine == "endpoint" and not cfg.endpoints:
         raise ConfigError("--engine endpoint needs at least one --endpoint URL", field="--endpoint")
     if cfg.endpoints and cfg.engine not in ("endpoint", "auto"):

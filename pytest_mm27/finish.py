@@ -14,6 +14,9 @@ from .errors import Mm27Error
 from .gate.baseline import BaselineMatch, load_baseline, resolve_one, save_baseline
 from .gate.compare import compare_records
 from .gate.noise import noise_text
+from .history import HistoryError, append_run, history_gate, history_reports, redact_url
+from .history.series import hardware_of
+from .history.store import HistoryStore
 from .records.model import RecordComparison, RunRecord
 from .records.store import load_record
 from .report.benchmark_export import export_pytest_benchmark
@@ -78,6 +81,9 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[BaselineKey, Base
         summary.lines.append(f"  record: {path}")
         summary.lines.append("")
 
+    if cfg.history is not None:
+        _history(cfg, summary)
+
     if cfg.save_baseline:
         for record, path in zip(summary.records, summary.paths):
             if record.status != "complete":
@@ -98,11 +104,40 @@ def finish_run(cfg: Mm27Config, run_dir: Path, baselines: dict[BaselineKey, Base
     return summary
 
 
+def _history(cfg: Mm27Config, summary: RunSummary) -> None:
+    """Append this run's records to the history and, with --gate history, judge the series they belong to.
+
+    The JSON records are on disk already: a history that cannot be written fails the
+    session with its reason and loses nothing.
+    """
+    assert cfg.history is not None
+    where = redact_url(cfg.history)
+    outcome = append_run(cfg.history, summary.records, [str(p) for p in summary.paths])
+    summary.lines += outcome.lines(where)
+    summary.failures += outcome.failures
+    if cfg.gate != "history" or outcome.failures:
+        return
+    groups = {(hardware_of(r), r.topology_name, r.workload_name) for r in summary.records}
+    try:
+        with HistoryStore(cfg.history) as store:
+            verdicts = history_gate(store.series(), cfg.tolerances or None, groups)
+    except HistoryError as exc:
+        summary.failures.append(str(exc))
+        return
+    failed = [v for v in verdicts if v.failed]
+    summary.failures += [v.message() for v in failed]
+    runs = max((len(v.runs) for v in verdicts), default=0)
+    summary.lines.append(f"history gate: {len(failed)} of {len(verdicts)} series regressed "
+                         f"(up to {runs} run(s) each)")
+
+
 def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[BaselineKey, str],
              baselines: dict[BaselineKey, BaselineMatch]) -> None:
     try:
         if cfg.report_md is not None or _step_summary_wanted():
             text = markdown_report(summary.records, summary.comparisons, notes=notes)
+            if cfg.history is not None:
+                text = text.rstrip("\n") + "\n\n" + _history_report(cfg, summary)[0]
             for written in write_markdown(cfg.report_md, text):
                 summary.lines.append(f"report: {written}")
         if cfg.plots_dir is not None:
@@ -110,6 +145,10 @@ def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[BaselineKey, str]
             for written in plot_records(summary.records, cfg.plots_dir, baselines=base,
                                         comparisons=summary.comparisons, stems=[p.stem for p in summary.paths]):
                 summary.lines.append(f"plot: {written}")
+            if cfg.history is not None:
+                # in a folder of their own: one PNG per metric, beside the sweep's two per record
+                for written in _history_report(cfg, summary, cfg.plots_dir / "history")[1]:
+                    summary.lines.append(f"plot: {written}")
         if cfg.pytest_benchmark_json is not None:
             written = export_pytest_benchmark(summary.records, cfg.pytest_benchmark_json)
             summary.lines.append(f"pytest-benchmark export: {written}")
@@ -117,6 +156,15 @@ def _reports(cfg: Mm27Config, summary: RunSummary, notes: dict[BaselineKey, str]
         summary.failures.append(str(exc))
     except OSError as exc:
         summary.failures.append(f"cannot write report: {exc}")
+
+
+def _history_report(cfg: Mm27Config, summary: RunSummary, plots_dir: Path | None = None) -> tuple[str, list[Path]]:
+    """The history's Markdown section (and trend plots); a history that cannot be read says so in it."""
+    assert cfg.history is not None
+    try:
+        return history_reports(cfg.history, summary.records, plots_dir)
+    except HistoryError as exc:
+        return f"## History\n\nNot available: {exc}\n", []
 
 
 def _step_summary_wanted() -> bool:

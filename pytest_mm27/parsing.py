@@ -78,6 +78,29 @@ def parse_error_rate(text: str) -> float:
     return parse_fraction(text, "error rate")
 
 
+GATE_MODES = ("history",)
+HISTORY_OFF = ("off", "none", "false", "0")
+
+
+def parse_gate(text: str) -> str:
+    """--gate MODE: 'history' (change points over the stored history; --baseline is its own option)."""
+    mode = text.strip().lower()
+    if mode not in GATE_MODES:
+        raise argparse.ArgumentTypeError(f"--gate must be one of {', '.join(GATE_MODES)}; got {text!r}")
+    return mode
+
+
+def parse_history(text: str) -> str:
+    """--history PATH|URL|off: an SQLite file, a postgresql:// URL, or off."""
+    value = text.strip()
+    if not value:
+        raise argparse.ArgumentTypeError("--history needs a file path, a postgresql:// URL or 'off'")
+    if "://" in value and value.split("://", 1)[0].lower() not in ("postgresql", "postgres", "sqlite"):
+        raise argparse.ArgumentTypeError(f"--history URL must be postgresql://... (or sqlite://PATH); "
+                                         f"got scheme {value.split('://', 1)[0]!r}")
+    return value
+
+
 def parse_sim_fault(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     name = name.strip().replace("_", "-")

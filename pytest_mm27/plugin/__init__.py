@@ -21,7 +21,8 @@ from ..finish import RunSummary, finish_run
 from ..gate.specs import parse_tolerances
 from ..harness import Harness
 from ..parsing import (
-    SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_non_negative_float,
+    SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_gate, parse_history,
+    parse_non_negative_float,
     parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
 )
 from .fixtures import (
@@ -83,6 +84,11 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("force", "bool", "let --save-baseline replace an existing baseline", {"action": "store_true"}),
     ("regression_tolerance", "string", "per-metric tolerances, e.g. throughput=5%,ttft_p99=10%",
      {"type": parse_tolerances, "metavar": "SPEC"}),
+    ("history", "string", "history database every run is appended to: a file (SQLite; default "
+     "<results-dir>/history.sqlite), a postgresql:// URL (needs pytest-mm27[history-pg]) or 'off'",
+     {"type": parse_history, "metavar": "PATH|URL"}),
+    ("gate", "string", "extra session gate: 'history' fails when a series' newest change point over the "
+     "history is a regression past its tolerance (beside --baseline)", {"type": parse_gate, "metavar": "history"}),
     ("report_md", "string", "write a Markdown report (also appended to $GITHUB_STEP_SUMMARY when set)",
      {"metavar": "PATH"}),
     ("plots_dir", "string", "write PNG plots (needs matplotlib)", {"metavar": "DIR"}),
