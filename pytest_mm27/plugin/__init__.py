@@ -156,6 +156,15 @@ def _interrupt_on_sigterm() -> None:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        # Hand it to whatever SIGINT handler is current rather than raising here:
+        # during a level that is asyncio.Runner's, which cancels the level's task
+        # cleanly. A KeyboardInterrupt raised from this frame could land inside a
+        # transport callback, where uvloop logs it as a fatal transport error and
+        # swallows it (the run then went on as if never signalled).
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current) and current is not signal.default_int_handler:
+            current(signal.SIGINT, frame)
+            return
         raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
