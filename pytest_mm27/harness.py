@@ -285,7 +285,13 @@ class Harness:
         topology, engine = deployment.topology, deployment.choice.engine
         devices: list[tuple[int, ...]] = []
         kind = engine.device_kind(topology)
-        if kind is not None:
+        on_ray = bool(self.cfg.ray_address) and engine.name != "endpoint"
+        if on_ray and kind is not None:
+            # The devices come from Ray's resources on the nodes: nothing is leased on this host.
+            # Placeholders keep the plan's shape; the Ray launcher puts in the ids Ray gives each server.
+            per = topology.gpus_per_server
+            devices = [tuple(range(i * per, (i + 1) * per)) for i in range(topology.replicas)]
+        elif kind is not None:
             live.lease = lease_devices(engine.devices_needed(topology), kind=kind, owner=f"pytest-mm27 {self.run_id}")
             devices = split_devices(topology, live.lease.devices)
             if kind == "gpu":
@@ -298,7 +304,12 @@ class Harness:
         if self.cfg.startup_timeout_s:
             plan = plan.with_startup_timeout(self.cfg.startup_timeout_s)
         version = engine.version(self.options)
-        live.launcher = Launcher(plan, self.run_dir / "logs")
+        if on_ray and plan.servers:
+            from .cluster.launcher import RayLauncher
+            assert self.cfg.ray_address is not None
+            live.launcher = RayLauncher(plan, self.run_dir / "logs", self.cfg.ray_address, run_id=self.run_id)
+        else:
+            live.launcher = Launcher(plan, self.run_dir / "logs")
         started = time.monotonic()
         # The host facts import torch in the engine's environment: read them while the servers boot.
         facts = Background(lambda: collect_host_facts(live.gpus, self._engine_python(engine)))
@@ -310,7 +321,7 @@ class Harness:
             self._booted = {
                 "host": dict(facts.result()), "version": version, "startup_s": round(time.monotonic() - started, 3),
                 # what was started: nothing, for an endpoint's plan
-                "launch": live.launcher.plan.to_dict() if live.launcher.plan.servers else None,
+                "launch": _launch_record(live.launcher, self.cfg.ray_address),
                 "model_dir": prepared.model.name if prepared.model.make else None,
                 "gpus": [g.to_dict() for g in discover_gpus() if g.index in set(live.gpus)] if live.gpus else [],
             }
@@ -460,3 +471,14 @@ class Harness:
             trial.server_cpu = {server: share.to_dict() for server, share in shares.items()}
             trial.front_end_bound, trial.front_end_reason = front_end_bound(shares)
         return trial
+
+
+def _launch_record(launcher: Any, ray_address: str | None) -> dict[str, Any] | None:
+    """What was started (nothing, for an endpoint's plan); on Ray, also which node each server ran on."""
+    if not launcher.plan.servers:
+        return None
+    record = launcher.plan.to_dict()
+    placement = getattr(launcher, "placement_record", None)
+    if placement is not None:
+        record["ray"] = {"address": ray_address, "servers": placement()}
+    return record

@@ -36,6 +36,22 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a topology's servers go on a Ray cluster (``[placement]``); ignored by the local launcher.
+
+    ``nodes``: how many nodes the servers are spread over (None: as few as
+    fit, one replica per node while nodes last). ``gpus_per_node``: what each
+    of those nodes must offer; checked against the cluster before boot.
+    ``resource``: the Ray resource a server's devices are counted in ("GPU";
+    a custom name for clusters that label their accelerators otherwise).
+    """
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    resource: str = "GPU"
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     description: str
@@ -65,6 +81,8 @@ class Topology:
     # vLLM's front-end processes (--api-server-count); None leaves vLLM's default.
     # One API server saturates a core before a small model saturates a GPU.
     api_server_count: int | None = None
+    # Nodes and GPUs per node on a Ray cluster (--ray-address); None: the defaults.
+    placement: Placement | None = None
 
     @property
     def replicas(self) -> int:
@@ -84,6 +102,7 @@ class Topology:
         data["vllm_args"] = list(self.vllm_args)
         data["concurrency_levels"] = list(self.concurrency_levels)
         data["engines"] = list(self.engines)
+        data["placement"] = asdict(self.placement) if self.placement else None
         return data
 
 
@@ -136,6 +155,8 @@ def parse_topology(path: Path) -> Topology:
     api_server_count = serve.integer("api_server_count", None)
     serve.finish()
 
+    placement = _parse_placement(root.table("placement"), path, tp, dp, mode) if root.has("placement") else None
+
     engine_env: dict[str, Mapping[str, str]] = {}
     if root.has("engine"):
         engine_t = root.table("engine")
@@ -156,8 +177,32 @@ def parse_topology(path: Path) -> Topology:
         max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_mem, max_model_len=max_model_len,
         vllm_args=args, env=MappingProxyType(env), concurrency_levels=levels,
         startup_timeout_s=startup_timeout_s, engines=engines, device=device, engine_env=MappingProxyType(engine_env),
-        workload=workload, api_server_count=api_server_count,
+        workload=workload, api_server_count=api_server_count, placement=placement,
     )
+
+
+def _parse_placement(table: Table, path: Path, tp: int, dp: int, mode: str) -> Placement:
+    """``[placement]``, checked against the parallelism: a replica's TP GPUs must fit one node."""
+    placement = Placement(
+        nodes=table.integer("nodes", None),
+        gpus_per_node=table.integer("gpus_per_node", None),
+        resource=table.string("resource", "GPU"),
+    )
+    table.finish()
+    servers = dp if mode == "replicas" else 1
+    if placement.nodes is not None and mode == "replicas" and placement.nodes > servers:
+        raise ConfigError(f"{placement.nodes} nodes for {servers} replica server(s): a node would stay empty",
+                          source=str(path), field="placement.nodes")
+    if placement.gpus_per_node is not None:
+        if mode == "replicas" and tp > placement.gpus_per_node:
+            raise ConfigError(f"a replica's {tp} tensor-parallel GPUs must sit on one node, "
+                              f"which has only {placement.gpus_per_node}", source=str(path),
+                              field="placement.gpus_per_node")
+        if placement.nodes is not None and placement.nodes * placement.gpus_per_node < tp * dp:
+            raise ConfigError(f"{placement.nodes} node(s) x {placement.gpus_per_node} GPU(s) hold fewer than "
+                              f"the topology's tensor x data = {tp * dp} GPUs", source=str(path),
+                              field="placement")
+    return placement
 
 
 class UnknownName(ConfigError):
