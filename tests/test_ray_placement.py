@@ -206,3 +206,15 @@ def test_keeper_exits_with_the_servers_status(tmp_path: Path):
     os.killpg(killed.pid, signal.SIGTERM)      # teardown signals the whole group
     assert killed.wait(timeout=30) == -signal.SIGTERM
     assert not _gone(family)
+
+
+def test_server_follows_a_keeper_killed_outright():
+    """Ray SIGKILLs a dead worker's children (the keeper) before they can act: the server must still go."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    keeper = subprocess.Popen([sys.executable, "-m", "pytest_mm27.cluster.keeper", str(os.getpid()), "--",
+                               sys.executable, "-c", "import time; time.sleep(600)"], env=env,
+                              start_new_session=True)
+    family = _family_of(keeper.pid)
+    keeper.kill()
+    keeper.wait()
+    assert not _gone(family), "the server outlived its keeper"

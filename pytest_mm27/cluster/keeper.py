@@ -7,10 +7,16 @@ When the actor goes away (killed, its worker crashed, its raylet lost), the
 keeper kills the whole group: on a Ray node nobody else would, and a server
 left behind would keep its GPUs. The harness's teardown signals the group as
 the local launcher does; the keeper lets the server answer that and follows.
+
+Ray kills a dead worker's direct children with SIGKILL, the keeper among
+them, before it can act: the server therefore also asks the kernel for a
+SIGTERM when the keeper dies (``PR_SET_PDEATHSIG``), and answers it as it
+answers teardown (vLLM's own engine processes follow their API server).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -19,6 +25,19 @@ import time
 
 POLL_S = 0.25
 GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+def _server_preexec(keeper: int) -> None:
+    """In the server, before exec: default signals, and SIGTERM when the keeper dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return                      # not Linux: the keeper's own watch is what there is
+    if os.getppid() != keeper:      # the keeper died before the request took effect
+        os._exit(1)
 
 
 def _kill_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
@@ -41,9 +60,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                 preexec_fn=lambda: (signal.signal(signal.SIGTERM, signal.SIG_DFL),
-                                                     signal.signal(signal.SIGINT, signal.SIG_DFL)))
+        me = os.getpid()
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=lambda: _server_preexec(me))
     except OSError as exc:
         print(f"# mm27 keeper: cannot run {command[0]!r}: {exc.strerror or exc}", flush=True)
         return 127
