@@ -83,7 +83,7 @@ class Harness:
         self._floors: dict[str, FloorTable] = {}
         self.options = EngineOptions(
             host=cfg.host, api_key=cfg.api_key, vllm_command=cfg.vllm_command,
-            sim_args=cfg.sim_args(), seed=cfg.seed, endpoints=cfg.endpoints,
+            sim_args=cfg.sim_args(), seed=cfg.seed, endpoints=cfg.endpoints, cluster=bool(cfg.ray_address),
         )
         self.deployments: dict[str, Deployment] = {}
         # Topologies taken in by `--topology all` that no engine here can run

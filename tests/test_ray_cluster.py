@@ -145,7 +145,7 @@ def test_unsatisfiable_placement_refused_before_boot(ray_cluster: Any, tmp_path:
     text = result.verdict.message
     assert "placement of topology 'dp3-tp4' cannot be satisfied" in text
     assert "3 server(s) of 4 GPU each, each on one node" in text
-    assert text.count("GPU 2 free of 2") == 3 and "no GPU" in text, text
+    assert text.count(" of 2, CPU 1") == 3 and "no GPU" in text, text
     assert "Nothing was started" in text
     assert ours_on_cluster(harness.run_id) == (set(), [])
     assert not list((harness.run_dir / "logs").glob("*.log")) if (harness.run_dir / "logs").exists() else True
@@ -211,5 +211,32 @@ def test_node_lost_mid_level_is_named_keeps_levels_and_leaves_nothing(ray_cluste
     assert any("was lost" in e["message"] for e in record["errors"])
     assert any("unreachable at teardown" in e for e in record["teardown"]["errors"])
     # The lost node's keeper stopped its server; the live nodes' servers were stopped by teardown.
+    assert not still_running(procs)
+    assert ours_on_cluster(harness.run_id) == (set(), [])
+
+
+def test_native_dp_over_two_nodes_head_and_headless(ray_cluster: Any, tmp_path: Path):
+    harness = harness_for(ray_cluster, tmp_path, topologies=("dp2",))
+    topology = dataclasses.replace(harness.catalog.get("dp2"), name="dp2-nodes", placement=Placement(nodes=2))
+    deployment = harness.declare(topology)
+    try:
+        result = deployment.run(2)
+        procs = server_processes(harness)
+    finally:
+        harness.close()
+    assert result.verdict.status != ERROR, result.verdict.message
+    record = record_of(harness, "dp2-nodes")
+    head, rank = record["launch"]["servers"]
+    placed = record["launch"]["ray"]["servers"]
+    assert len({s["node_id"] for s in placed}) == 2, placed
+    assert record["launch"]["endpoints"] == [head["base_url"]] and (head["serves"], rank["serves"]) == (True, False)
+    # Every rank dials the head's node address and the RPC port picked there.
+    address = placed[0]["address"]
+    for spec in (head, rank):
+        argv = spec["argv"]
+        assert argv[argv.index("--data-parallel-address") + 1] == address
+        assert argv[argv.index("--data-parallel-rpc-port") + 1].isdigit()
+    log = (harness.run_dir / "logs" / "dp2-nodes-rank1.log").read_text()
+    assert "sim: headless, DP ranks 1..1 of 2" in log
     assert not still_running(procs)
     assert ours_on_cluster(harness.run_id) == (set(), [])

@@ -109,7 +109,7 @@ def topology_file(tmp_path: Path, placement: str, tp: int = 2) -> Path:
 def test_placement_table_parsed_and_recorded(tmp_path: Path):
     topo = parse_topology(topology_file(tmp_path, "[placement]\nnodes = 3\ngpus_per_node = 2\n"))
     assert topo.placement == Placement(nodes=3, gpus_per_node=2, resource="GPU")
-    assert topo.to_dict()["placement"] == {"nodes": 3, "gpus_per_node": 2, "resource": "GPU"}
+    assert topo.to_dict()["placement"] == {"nodes": 3, "gpus_per_node": 2, "resource": "GPU", "dp_backend": "mp"}
     assert parse_topology(topology_file(tmp_path, "")).placement is None
 
 
@@ -218,3 +218,70 @@ def test_server_follows_a_keeper_killed_outright():
     keeper.kill()
     keeper.wait()
     assert not _gone(family), "the server outlived its keeper"
+
+
+def _plan(engine_name: str, placement: Placement, cluster: bool = True):
+    import dataclasses
+
+    from pytest_mm27.catalog.paths import catalog_dirs
+    from pytest_mm27.catalog.topology import load_catalog
+    from pytest_mm27.engines import get_engine
+    from pytest_mm27.engines.base import EngineOptions
+
+    dp2 = load_catalog(catalog_dirs("topologies")).get("dp2")       # native, TP=2 x DP=2
+    topo = dataclasses.replace(dp2, data_parallel=4, gpus=8, placement=placement)
+    engine = get_engine(engine_name)
+    devices = [tuple(range(8))] if engine_name == "vllm" else ()
+    return engine.plan(topo, EngineOptions(cluster=cluster), devices=devices)
+
+
+def _flag(argv: tuple[str, ...], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sim"])
+def test_native_dp_over_nodes_is_a_head_and_headless_ranks(engine: str):
+    from pytest_mm27.host.plan import HEAD_ADDRESS, HEAD_RPC_PORT
+
+    plan = _plan(engine, Placement(nodes=2))
+    head, rank = plan.servers
+    assert plan.endpoints == (head.base_url,)
+    assert (head.serves, rank.serves) == (True, False)
+    assert rank.name == "dp2-rank2"
+    for spec in (head, rank):
+        assert spec.argv.count("--data-parallel-size") == 1 and _flag(spec.argv, "--data-parallel-size") == "4"
+        assert _flag(spec.argv, "--data-parallel-size-local") == "2"
+        assert _flag(spec.argv, "--data-parallel-address") == HEAD_ADDRESS
+        assert _flag(spec.argv, "--data-parallel-rpc-port") == HEAD_RPC_PORT
+        assert len(spec.gpus) == 4          # two local ranks of TP=2 on each node
+    assert "--headless" not in head.argv and "--headless" in rank.argv
+    assert _flag(rank.argv, "--data-parallel-start-rank") == "2"
+
+
+def test_native_dp_with_rays_backend_is_one_command_holding_no_devices():
+    (head,) = _plan("vllm", Placement(nodes=2, dp_backend="ray")).servers
+    assert _flag(head.argv, "--data-parallel-backend") == "ray" and head.gpus == ()
+    assert "--headless" not in head.argv and head.env["RAY_ADDRESS"] == "auto"
+
+
+def test_without_a_cluster_native_dp_stays_one_server():
+    plan = _plan("vllm", Placement(nodes=2), cluster=False)
+    assert len(plan.servers) == 1 and "--data-parallel-size-local" not in plan.servers[0].argv
+
+
+def test_uneven_dp_over_nodes_is_refused(tmp_path: Path):
+    text = TOPOLOGY.format(tp=2, placement="[placement]\nnodes = 2\n").replace('mode = "replicas"', 'mode = "native"')
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="placement.nodes.*3 ranks do not divide evenly"):
+        parse_topology(path)
+
+
+def test_simulator_accepts_vllms_multi_node_flags():
+    from pytest_mm27.sim.__main__ import build_parser
+
+    args = build_parser().parse_args([
+        "serve", "--served-model-name", "m", "--hardware", "h", "--model", "m", "--data-parallel-size", "4",
+        "--data-parallel-size-local", "2", "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port",
+        "13345", "--headless", "--data-parallel-start-rank", "2", "--data-parallel-backend", "mp"])
+    assert (args.headless, args.data_parallel_start_rank, args.data_parallel_size_local) == (True, 2, 2)

@@ -19,6 +19,7 @@ from .makers import MAKERS
 
 DpMode = Literal["native", "replicas"]
 Device = Literal["cuda", "cpu"]
+DpBackend = Literal["mp", "ray"]
 ENGINES = ("vllm", "sim")
 
 
@@ -44,11 +45,16 @@ class Placement:
     of those nodes must offer; checked against the cluster before boot.
     ``resource``: the Ray resource a server's devices are counted in ("GPU";
     a custom name for clusters that label their accelerators otherwise).
+    ``dp_backend``: native DP over several nodes through vLLM's own
+    mechanisms: "mp" runs a head (``--data-parallel-size-local`` ranks and
+    the API) on the first node and ``--headless`` ranks on the others; "ray"
+    runs one command on the head with ``--data-parallel-backend ray``.
     """
 
     nodes: int | None = None
     gpus_per_node: int | None = None
     resource: str = "GPU"
+    dp_backend: DpBackend = "mp"
 
 
 @dataclass(frozen=True)
@@ -187,12 +193,16 @@ def _parse_placement(table: Table, path: Path, tp: int, dp: int, mode: str) -> P
         nodes=table.integer("nodes", None),
         gpus_per_node=table.integer("gpus_per_node", None),
         resource=table.string("resource", "GPU"),
+        dp_backend=table.string("dp_backend", "mp", choices=("mp", "ray")),
     )
     table.finish()
     servers = dp if mode == "replicas" else 1
     if placement.nodes is not None and mode == "replicas" and placement.nodes > servers:
         raise ConfigError(f"{placement.nodes} nodes for {servers} replica server(s): a node would stay empty",
                           source=str(path), field="placement.nodes")
+    if mode == "native" and placement.nodes and placement.dp_backend == "mp" and dp % placement.nodes:
+        raise ConfigError(f"native DP over {placement.nodes} nodes runs dp / nodes ranks on each; "
+                          f"{dp} ranks do not divide evenly", source=str(path), field="placement.nodes")
     if placement.gpus_per_node is not None:
         if mode == "replicas" and tp > placement.gpus_per_node:
             raise ConfigError(f"a replica's {tp} tensor-parallel GPUs must sit on one node, "

@@ -31,7 +31,7 @@ from ..catalog.topology import Placement
 from ..errors import LaunchError, NodeLost, PlacementUnsatisfiable
 from ..host import exits, probe
 from ..host.launcher import ADDR_IN_USE_RE, DEFAULT_GRACE_S, POLL_INTERVAL_S, TeardownReport, _model_ids
-from ..host.plan import LaunchPlan, ServerSpec, make_base_url
+from ..host.plan import HEAD_ADDRESS, HEAD_RPC_PORT, LaunchPlan, ServerSpec, make_base_url
 from ..host.serverlog import LOG_TAIL_LINES, open_log, read_log_tail
 from . import connect
 from .actor import NODE_PYTHON, ServerActor
@@ -46,6 +46,8 @@ READY_TIMEOUT_S = 60.0          # placement groups reserved in this long, or ref
 NODE_DEATH_WAIT_S = 30.0        # for the cluster to mark a node dead after its actor died
 GONE_WAIT_S = 20.0              # for killed actors to leave the cluster's table
 LOG_PULL_S = 1.0
+BUSY_WAIT_S = 15.0              # for busy resources to be freed before a placement that fits is refused
+NO_DEVICE_CPU = 0.01            # what a server holding no devices reserves: a bundle cannot be empty
 
 
 @dataclass
@@ -228,16 +230,20 @@ class RayLauncher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         resource = self.placement.resource
         for spec in self.plan.servers:
-            demand = ServerDemand(spec.name, max(1, self.plan.topology.gpus_per_server))
+            # A server's devices: those its plan gives it (a DP head's or rank's node share), else the
+            # topology's per-server count; a head that leaves its ranks to Ray holds none.
+            holds_none = not spec.gpus and any(a == "--data-parallel-backend" for a in spec.argv)
+            count = 0 if holds_none else (len(spec.gpus) or max(1, self.plan.topology.gpus_per_server))
+            demand = ServerDemand(spec.name, count)
             self._servers.append(_Server(spec=spec, demand=demand, log_path=self._log_path(spec.name),
                                          picked_port=spec.port == 0))
         # Refused here, before any group or actor exists.
-        nodes = cluster_nodes(ray)
-        chosen = assign(self.plan.topology.name, [s.demand for s in self._servers], nodes, self.placement)
+        nodes, chosen = self._assign()
+        target = _soft_target(placement_group)
         for server, node in zip(self._servers, chosen, strict=True):
-            server.pg = placement_group([{resource: float(server.demand.devices)}], strategy="STRICT_PACK",
+            server.pg = placement_group([_bundle(resource, server.demand.devices)], strategy="STRICT_PACK",
                                         name=f"mm27-{self.run_id}-{server.spec.name}",
-                                        _soft_target_node_id=node.node_id)
+                                        **({target: node.node_id} if target else {}))
         ready = [s.pg.ready() for s in self._servers]
         done, waiting = ray.wait(ready, num_returns=len(ready), timeout=self.ready_timeout_s)
         if waiting:
@@ -249,19 +255,52 @@ class RayLauncher:
         remote = ray.remote(ServerActor)
         for server in self._servers:
             server.actor_name = f"mm27-{self.run_id}-{server.spec.name}"
-            gpu = {"num_gpus": float(server.demand.devices)} if resource == "GPU" else \
-                {"resources": {resource: float(server.demand.devices)}}
+            devices = float(server.demand.devices)
+            gpu = ({"num_gpus": devices} if resource == "GPU" else {"resources": {resource: devices}}) \
+                if devices else {"num_cpus": NO_DEVICE_CPU}
             server.actor = remote.options(
-                name=server.actor_name, namespace=connect.NAMESPACE, num_cpus=0, max_restarts=0,
+                name=server.actor_name, namespace=connect.NAMESPACE, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(server.pg, placement_group_bundle_index=0),
-                **gpu,
+                **{"num_cpus": 0, **gpu},
             ).remote(server.spec.name)
         infos = ray.get([s.actor.info.remote() for s in self._servers], timeout=CALL_TIMEOUT_S * 2)
         for i, (server, info) in enumerate(zip(self._servers, infos, strict=True)):
             server.info = info
             server.node = by_id.get(info["node_id"]) or NodeCapacity(info["node_id"], info["address"])
             self._place(i, server)
+        self._fill_head()
+        for server in self._servers:
             self._spawn(server, retry=False)
+
+    def _fill_head(self) -> None:
+        """Write the head's address and a DP RPC port free on its node into every server's argv."""
+        if not any(HEAD_ADDRESS in s.spec.argv or HEAD_RPC_PORT in s.spec.argv for s in self._servers):
+            return
+        head = self._servers[0]
+        assert head.node is not None
+        rpc_port = self._ray.get(head.actor.free_port.remote(head.node.address, [head.spec.port]),
+                                 timeout=CALL_TIMEOUT_S)
+        values = {HEAD_ADDRESS: head.node.address, HEAD_RPC_PORT: str(rpc_port)}
+        for i, server in enumerate(self._servers):
+            server.spec = replace(server.spec, argv=tuple(values.get(a, a) for a in server.spec.argv))
+            self.plan = self.plan.with_server(i, server.spec)
+
+    def _assign(self) -> tuple[list[NodeCapacity], list[NodeCapacity]]:
+        """The cluster's nodes and each server's node. A placement that fits the cluster's totals but
+        not what is free now waits a little (a teardown just before frees resources a moment later);
+        one that cannot fit the totals is refused at once."""
+        name, demands = self.plan.topology.name, [s.demand for s in self._servers]
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            nodes = cluster_nodes(self._ray)
+            try:
+                return nodes, assign(name, demands, nodes, self.placement)
+            except PlacementUnsatisfiable:
+                idle = [replace(n, free=n.total) for n in nodes]
+                assign(name, demands, idle, self.placement)     # raises: it can never fit
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(POLL_INTERVAL_S * 2)
 
     def _place(self, index: int, server: _Server) -> None:
         """The spec on the actor's node: bind its address, a port free there, the devices Ray gave."""
@@ -276,7 +315,10 @@ class RayLauncher:
         gpus = tuple(server.info.get("gpus") or ())
         env = dict(spec.env)
         if "CUDA_VISIBLE_DEVICES" in env:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+            else:               # a head that leaves its ranks to Ray: they get theirs from Ray
+                del env["CUDA_VISIBLE_DEVICES"]
         spec = replace(spec, gpus=gpus, env=env)
         server.spec = spec
         self.plan = self.plan.with_server(index, spec)
@@ -389,6 +431,9 @@ class RayLauncher:
 
     def _probe(self, server: _Server) -> None:
         spec = server.spec
+        if not spec.serves:         # a headless rank: no HTTP; alive is all it can be
+            server.healthy, server.last_probe = True, "running (serves no HTTP)"
+            return
         health = probe.get(spec.base_url + "/health")
         if health.status != 200:
             server.last_probe = f"GET /health: {health.why}"
@@ -496,6 +541,18 @@ class RayLauncher:
             time.sleep(POLL_INTERVAL_S)
         return [f"actor {name}: still alive" for name in sorted(alive)] + \
             [f"placement group of {s.spec.name}: {placement_group_table(s.pg).get('state')}" for s in groups]
+
+
+def _bundle(resource: str, devices: int) -> dict[str, float]:
+    return {resource: float(devices)} if devices else {"CPU": NO_DEVICE_CPU}
+
+
+def _soft_target(placement_group: Any) -> str | None:
+    """The keyword that asks for a group on a given node, where this Ray has one."""
+    import inspect
+
+    name = "_soft_target_node_id"
+    return name if name in inspect.signature(placement_group).parameters else None
 
 
 def live_actor_names(ray: Any) -> set[str]:

@@ -32,6 +32,7 @@ from .base import (
     check_ports,
     frozen_env,
     server_name,
+    spread_native_dp,
     startup_timeout,
 )
 
@@ -280,8 +281,8 @@ class VllmEngine:
                 port=port, gpus=devs, base_url=make_base_url(options.host, port), api_key=options.api_key,
                 private_tmp=True,
             ))
-        return LaunchPlan(
+        return spread_native_dp(LaunchPlan(
             topology=topology, engine=self.name, servers=tuple(servers),
             endpoints=tuple(s.base_url for s in servers), model=served,
             startup_timeout_s=startup_timeout(topology, options),
-        )
+        ), options)
