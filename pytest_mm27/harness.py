@@ -185,6 +185,8 @@ class Harness:
             by_reason.setdefault(why, []).append(name)
         for why, names in by_reason.items():
             line += f"\nmm27: not run here: {', '.join(names)} ({why})"
+        if self.cfg.ray_address:
+            line += f"\nmm27: placement: the Ray cluster at {self.cfg.ray_address} (a placement group per server)"
         return line
 
     def levels_for(self, topology: Topology) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +241,30 @@ def test_native_dp_over_two_nodes_head_and_headless(ray_cluster: Any, tmp_path: 
     assert "sim: headless, DP ranks 1..1 of 2" in log
     assert not still_running(procs)
     assert ours_on_cluster(harness.run_id) == (set(), [])
+
+
+def test_plugin_ini_twin_runs_the_suite_on_the_cluster(ray_cluster: Any, pytester: pytest.Pytester):
+    from pytest_mm27.testing import sim_topology
+
+    pytester.makepyfile(test_throughput=(REPO / "suites" / "test_throughput.py").read_text())
+    (pytester.path / "topologies").mkdir()
+    (pytester.path / "topologies" / "tiny.toml").write_text(
+        sim_topology("tiny", "[1, 2]", 2, "replicas") + "\n[placement]\nnodes = 2\ngpus_per_node = 2\n")
+    pytester.makeini(textwrap.dedent(f"""
+        [pytest]
+        mm27_ray_address = {ray_cluster.address}
+        mm27_topology = tiny
+        mm27_workload = quick
+        mm27_engine = sim
+        mm27_topology_dir = topologies
+        mm27_results_dir = out
+    """))
+    result = pytester.runpytest_subprocess("-v", "-p", "no:randomly", timeout=240)
+    result.assert_outcomes(passed=2)
+    (path,) = pytester.path.glob("out/runs/*/tiny.json")
+    record = json.loads(path.read_text())
+    placed = record["launch"]["ray"]["servers"]
+    assert record["launch"]["ray"]["address"] == ray_cluster.address
+    assert len({s["node_id"] for s in placed}) == 2
+    assert record["topology"]["placement"]["nodes"] == 2
+    assert ours_on_cluster(record["run_id"]) == (set(), [])

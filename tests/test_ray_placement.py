@@ -285,3 +285,8 @@ def test_simulator_accepts_vllms_multi_node_flags():
         "--data-parallel-size-local", "2", "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port",
         "13345", "--headless", "--data-parallel-start-rank", "2", "--data-parallel-backend", "mp"])
     assert (args.headless, args.data_parallel_start_rank, args.data_parallel_size_local) == (True, 2, 2)
+
+
+def test_help_lists_ray_address(pytester: pytest.Pytester):
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["*--ray-address=ADDR*", "*mm27_ray_address*"])
