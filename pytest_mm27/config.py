@@ -66,6 +66,7 @@ class Mm27Config:
     history: str | None = None              # SQLite path or postgresql:// URL; None: keep no history
     gate: str | None = None                 # "history": judge change points over the history too
     ray_address: str | None = None          # boot on this Ray cluster; None: local processes
+    ray_load_workers: int | None = None     # load workers as Ray actors on this many nodes; None: local
 
     @property
     def baselines_dir(self) -> Path:
@@ -186,7 +187,13 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
     if ray_address:
         from .cluster.connect import require_ray
         require_ray()       # a missing Ray stops the run now, not at the first boot
-    cfg = Mm27Config(**{**cfg.__dict__, "history": history, "gate": gate, "ray_address": ray_address})
+    ray_workers = get("ray_load_workers")
+    ray_workers = _convert("mm27_ray_load_workers", ray_workers, parse_positive_int) if ray_workers else None
+    if ray_workers and not ray_address:
+        raise ConfigError("--ray-load-workers runs the load on a Ray cluster: give --ray-address too",
+                          field="--ray-load-workers")
+    cfg = Mm27Config(**{**cfg.__dict__, "history": history, "gate": gate, "ray_address": ray_address,
+                        "ray_load_workers": ray_workers})
     if cfg.engine == "endpoint" and not cfg.endpoints:
         raise ConfigError("--engine endpoint needs at least one --endpoint URL", field="--endpoint")
     if cfg.endpoints and cfg.engine not in ("endpoint", "auto"):

@@ -450,6 +450,14 @@ class Harness:
         file.add_level(level)
         return level
 
+    def _ray_level(self, live: LiveDeployment, workload: Workload, concurrency: int) -> Any:
+        """The level's load from Ray actors on the cluster's nodes (--ray-load-workers)."""
+        from .loadgen.ray_workers import run_level_on_ray
+        assert self.cfg.ray_address and self.cfg.ray_load_workers
+        return run_level_on_ray(live.endpoints, live.model, workload, concurrency, address=self.cfg.ray_address,
+                                nodes=min(self.cfg.ray_load_workers, concurrency), api_key=self.cfg.api_key,
+                                level_timeout_s=self.cfg.level_timeout_s)
+
     def _trial(self, live: LiveDeployment, workload: Workload, concurrency: int) -> Trial:
         """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile."""
         name = live.deployment.name
@@ -457,12 +465,13 @@ class Harness:
         prefix = live.deployment.topology.env.get("VLLM_PROCESS_NAME_PREFIX", DEFAULT_TITLE_PREFIX)
         with GpuSampler(live.gpus) as sampler, ServerCpuSampler(pids, title_prefix=prefix) as cpu:
             started = time.time()
-            metrics = run_level(live.endpoints, live.model, workload, concurrency,
-                                api_key=self.cfg.api_key, workers=self.cfg.workers,
-                                level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
-                                max_window_s=self.cfg.max_window_s,
-                                progress=lambda done, total, tok_s, failed: self.progress.measuring(
-                                    name, concurrency, done, total, tok_s, failed))
+            metrics = self._ray_level(live, workload, concurrency) if self.cfg.ray_load_workers else \
+                run_level(live.endpoints, live.model, workload, concurrency,
+                          api_key=self.cfg.api_key, workers=self.cfg.workers,
+                          level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
+                          max_window_s=self.cfg.max_window_s,
+                          progress=lambda done, total, tok_s, failed: self.progress.measuring(
+                              name, concurrency, done, total, tok_s, failed))
             ended = time.time()
         # Energy over the whole level, warm-up and tail requests included: they ran on the same GPUs.
         trial = Trial.of(metrics, gpu=sampler.summary(metrics.output_tokens

@@ -268,3 +268,45 @@ def test_plugin_ini_twin_runs_the_suite_on_the_cluster(ray_cluster: Any, pyteste
     assert len({s["node_id"] for s in placed}) == 2
     assert record["topology"]["placement"]["nodes"] == 2
     assert ours_on_cluster(record["run_id"]) == (set(), [])
+
+
+def test_load_workers_as_actors_on_two_nodes_merge_exactly(ray_cluster: Any, tmp_path: Path):
+    import ray
+
+    from pytest_mm27.loadgen.ray_workers import LoadWorkerActor, measure_clocks
+
+    harness = harness_for(ray_cluster, tmp_path, ray_load_workers=2)
+    try:
+        result = harness.deployments["dp3"].run(5, requests_per_concurrency=3)
+    finally:
+        harness.close()
+    assert result.verdict.status != ERROR, result.verdict.message
+    trial = result.level.trials[0]
+    assert trial.ok == 15 and trial.failed == 0
+    (path,) = harness.run_dir.glob("dp3--*.json")
+    record = json.loads(path.read_text())
+    metrics = record["levels"][0]["trials"][0]
+    assert metrics["workers"] == 2 and len(metrics["worker_cpu_util"]) == 2, "the client-bound check is per worker"
+    # Every request counted once: exactly the level's share sent, and the servers' own token count agrees.
+    assert metrics["requests"] == 15 and metrics["server_tokens_match"] is True, metrics
+    # The clock comparison on one host reads (near) zero offset, to within its stated error.
+    actors = [ray.remote(LoadWorkerActor).options(num_cpus=0).remote() for _ in range(2)]
+    try:
+        for clock in measure_clocks(ray, actors):
+            assert abs(clock.offset_s) <= clock.error_s + 0.005, clock
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    assert ours_on_cluster(harness.run_id) == (set(), [])
+
+
+def test_load_workers_refuse_a_steady_workload():
+    from pytest_mm27.catalog.paths import catalog_dirs
+    from pytest_mm27.catalog.workload import load_workloads
+    from pytest_mm27.errors import LoadError
+    from pytest_mm27.loadgen.ray_workers import run_level_on_ray
+
+    quick = load_workloads(catalog_dirs("workloads")).get("quick")
+    steady = dataclasses.replace(quick, measure="steady")
+    with pytest.raises(LoadError, match="steady window, which Ray load workers do not run yet"):
+        run_level_on_ray(["http://127.0.0.1:1"], "m", steady, 4, address="auto", nodes=2)

@@ -290,3 +290,8 @@ def test_simulator_accepts_vllms_multi_node_flags():
 def test_help_lists_ray_address(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess("--help")
     result.stdout.fnmatch_lines(["*--ray-address=ADDR*", "*mm27_ray_address*"])
+
+
+def test_ray_load_workers_need_a_cluster():
+    with pytest.raises(ConfigError, match="--ray-load-workers runs the load on a Ray cluster"):
+        build_config(getter({"ray_load_workers": "2"}), REPO)

@@ -61,6 +61,9 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("host", "string", "address servers bind to (default 127.0.0.1)", {"metavar": "HOST"}),
     ("ray_address", "string", "boot the servers on this Ray cluster: 'auto', ray://HOST:10001 or a head's "
      "HOST:PORT (needs pytest-mm27[ray]; default: local processes)", {"type": parse_ray_address, "metavar": "ADDR"}),
+    ("ray_load_workers", "string", "run each level's load as N Ray actors on N distinct nodes of the "
+     "--ray-address cluster (count and duration workloads; default: local workers)",
+     {"type": parse_positive_int, "metavar": "N"}),
     ("sim_fault", "linelist", f"simulator fault knob NAME=VALUE: {', '.join(SIM_FAULTS)} (repeatable)",
      {"action": "append", "type": parse_sim_fault, "metavar": "KNOB"}),
     ("max_error_rate", "string", "fraction of failed requests that fails a level (default 0)",
