@@ -49,6 +49,13 @@ def connect(address: str) -> Any:
             except Exception as exc:  # ConnectionError, ValueError, grpc errors: all mean "not reachable"
                 raise LaunchError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
             _opened_here = True
+        else:
+            current = _current_address(ray)
+            # Hosts have aliases (127.0.0.1, the node's IP); a different port is surely another cluster.
+            if current and not address.startswith("ray://") and address != "auto" \
+                    and address.rsplit(":", 1)[-1] != current.rsplit(":", 1)[-1]:
+                raise LaunchError(f"this process is already connected to the Ray cluster at {current}, "
+                                  f"not {address!r}; one process talks to one cluster")
         _users += 1
     return ray
 
@@ -63,3 +70,10 @@ def disconnect() -> None:
 
             ray.shutdown()
             _opened_here = False
+
+
+def _current_address(ray: Any) -> str | None:
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:
+        return None
