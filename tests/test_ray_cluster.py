@@ -310,3 +310,24 @@ def test_load_workers_refuse_a_steady_workload():
     steady = dataclasses.replace(quick, measure="steady")
     with pytest.raises(LoadError, match="steady window, which Ray load workers do not run yet"):
         run_level_on_ray(["http://127.0.0.1:1"], "m", steady, 4, address="auto", nodes=2)
+
+
+def test_tp_x_pp_with_rays_executor_holds_no_devices_itself(ray_cluster: Any, tmp_path: Path):
+    harness = harness_for(ray_cluster, tmp_path, topologies=("dp2",))
+    base = harness.catalog.get("tp4")
+    topology = dataclasses.replace(base, name="tp2pp2", tensor_parallel=2, pipeline_parallel=2, data_parallel=1,
+                                   gpus=4, placement=Placement(executor="ray"))
+    deployment = harness.declare(topology)
+    try:
+        result = deployment.run(1)
+    finally:
+        harness.close()
+    assert result.verdict.status != ERROR, result.verdict.message
+    record = record_of(harness, "tp2pp2")
+    (server,) = record["launch"]["servers"]
+    argv = server["argv"]
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
+    assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
+    assert record["launch"]["ray"]["servers"][0]["devices"] == [], "Ray's executor places the GPU workers"
+    assert "accepted, not modelled" in (harness.run_dir / "logs" / "tp2pp2-r0.log").read_text()
+    assert ours_on_cluster(harness.run_id) == (set(), [])

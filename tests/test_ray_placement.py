@@ -109,7 +109,8 @@ def topology_file(tmp_path: Path, placement: str, tp: int = 2) -> Path:
 def test_placement_table_parsed_and_recorded(tmp_path: Path):
     topo = parse_topology(topology_file(tmp_path, "[placement]\nnodes = 3\ngpus_per_node = 2\n"))
     assert topo.placement == Placement(nodes=3, gpus_per_node=2, resource="GPU")
-    assert topo.to_dict()["placement"] == {"nodes": 3, "gpus_per_node": 2, "resource": "GPU", "dp_backend": "mp"}
+    assert topo.to_dict()["placement"] == {"nodes": 3, "gpus_per_node": 2, "resource": "GPU", "dp_backend": "mp",
+                                               "executor": "mp"}
     assert parse_topology(topology_file(tmp_path, "")).placement is None
 
 
@@ -295,3 +296,39 @@ def test_help_lists_ray_address(pytester: pytest.Pytester):
 def test_ray_load_workers_need_a_cluster():
     with pytest.raises(ConfigError, match="--ray-load-workers runs the load on a Ray cluster"):
         build_config(getter({"ray_load_workers": "2"}), REPO)
+
+
+def test_pipeline_parallel_counts_its_gpus_and_reaches_the_command(tmp_path: Path):
+    text = TOPOLOGY.format(tp=2, placement="").replace("data = 3", "data = 1\npipeline = 2")
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    topo = parse_topology(path)
+    assert (topo.gpus, topo.gpus_per_server, topo.pipeline_parallel) == (4, 4, 2)
+    from pytest_mm27.engines import get_engine
+    from pytest_mm27.engines.base import EngineOptions
+
+    plan = get_engine("vllm").plan(topo, EngineOptions(), devices=[(0, 1, 2, 3)])
+    assert _flag(plan.servers[0].argv, "--pipeline-parallel-size") == "2"
+    assert plan.servers[0].env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("pipeline = 2", "pipeline = 2\ngpus = 2"))
+    with pytest.raises(ConfigError, match="parallel.gpus.*tensor x pipeline x data = 4"):
+        parse_topology(bad)
+
+
+def test_rays_executor_lets_a_server_span_nodes(tmp_path: Path):
+    text = TOPOLOGY.format(tp=4, placement='[placement]\ngpus_per_node = 2\nexecutor = "ray"\n').replace(
+        "data = 3", "data = 1\npipeline = 2")
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    topo = parse_topology(path)         # TP=4 on 2-GPU nodes: allowed, Ray places the workers
+    from pytest_mm27.engines import get_engine
+    from pytest_mm27.engines.base import EngineOptions
+
+    (server,) = get_engine("vllm").plan(topo, EngineOptions(cluster=True), devices=[tuple(range(8))]).servers
+    assert _flag(server.argv, "--distributed-executor-backend") == "ray" and server.gpus == ()
+    assert _flag(server.argv, "--pipeline-parallel-size") == "2" and server.env["RAY_ADDRESS"] == "auto"
+    with pytest.raises(ConfigError, match="must sit on one node"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text.replace('executor = "ray"\n', ""))
+        parse_topology(bad)

@@ -49,12 +49,16 @@ class Placement:
     mechanisms: "mp" runs a head (``--data-parallel-size-local`` ranks and
     the API) on the first node and ``--headless`` ranks on the others; "ray"
     runs one command on the head with ``--data-parallel-backend ray``.
+    ``executor``: "ray" gives each server vLLM's ``--distributed-executor-backend
+    ray``, so its TP x PP workers may span nodes (a model too large for one);
+    Ray then places them and the server itself holds no devices.
     """
 
     nodes: int | None = None
     gpus_per_node: int | None = None
     resource: str = "GPU"
     dp_backend: DpBackend = "mp"
+    executor: DpBackend = "mp"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class Topology:
     api_server_count: int | None = None
     # Nodes and GPUs per node on a Ray cluster (--ray-address); None: the defaults.
     placement: Placement | None = None
+    # Pipeline stages per server (vLLM's --pipeline-parallel-size); each holds tensor_parallel GPUs.
+    pipeline_parallel: int = 1
 
     @property
     def replicas(self) -> int:
@@ -97,7 +103,7 @@ class Topology:
 
     @property
     def gpus_per_server(self) -> int:
-        return self.tensor_parallel * (1 if self.dp_mode == "replicas" else self.data_parallel)
+        return self.tensor_parallel * self.pipeline_parallel * (1 if self.dp_mode == "replicas" else self.data_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -146,10 +152,12 @@ def parse_topology(path: Path) -> Topology:
     tp = par.integer("tensor")
     dp = par.integer("data", 1)
     mode = par.string("mode", "native", choices=("native", "replicas"))
-    gpus = par.integer("gpus", tp * dp, minimum=0)
+    pp = par.integer("pipeline", 1)
+    gpus = par.integer("gpus", tp * pp * dp, minimum=0)
     par.finish()
-    if gpus and gpus != tp * dp:
-        raise ConfigError(f"must equal tensor x data = {tp * dp}, got {gpus}",
+    if gpus and gpus != tp * pp * dp:
+        what = "tensor x pipeline x data" if pp > 1 else "tensor x data"
+        raise ConfigError(f"must equal {what} = {tp * pp * dp}, got {gpus}",
                           source=str(path), field="parallel.gpus")
 
     serve = root.table("serve")
@@ -161,7 +169,7 @@ def parse_topology(path: Path) -> Topology:
     api_server_count = serve.integer("api_server_count", None)
     serve.finish()
 
-    placement = _parse_placement(root.table("placement"), path, tp, dp, mode) if root.has("placement") else None
+    placement = _parse_placement(root.table("placement"), path, tp * pp, dp, mode) if root.has("placement") else None
 
     engine_env: dict[str, Mapping[str, str]] = {}
     if root.has("engine"):
@@ -179,7 +187,7 @@ def parse_topology(path: Path) -> Topology:
                           source=str(path), field="model.spec")
     return Topology(
         name=name, description=description, source=path, hardware=hardware, model=model,
-        tensor_parallel=tp, data_parallel=dp, dp_mode=mode, gpus=tp * dp,
+        tensor_parallel=tp, data_parallel=dp, dp_mode=mode, gpus=tp * pp * dp, pipeline_parallel=pp,
         max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_mem, max_model_len=max_model_len,
         vllm_args=args, env=MappingProxyType(env), concurrency_levels=levels,
         startup_timeout_s=startup_timeout_s, engines=engines, device=device, engine_env=MappingProxyType(engine_env),
@@ -188,12 +196,14 @@ def parse_topology(path: Path) -> Topology:
 
 
 def _parse_placement(table: Table, path: Path, tp: int, dp: int, mode: str) -> Placement:
-    """``[placement]``, checked against the parallelism: a replica's TP GPUs must fit one node."""
+    """``[placement]``, checked against the parallelism (``tp``: a server's TP x PP GPUs per DP rank):
+    a replica's GPUs must fit one node unless Ray's executor spreads them."""
     placement = Placement(
         nodes=table.integer("nodes", None),
         gpus_per_node=table.integer("gpus_per_node", None),
         resource=table.string("resource", "GPU"),
         dp_backend=table.string("dp_backend", "mp", choices=("mp", "ray")),
+        executor=table.string("executor", "mp", choices=("mp", "ray")),
     )
     table.finish()
     servers = dp if mode == "replicas" else 1
@@ -204,13 +214,13 @@ def _parse_placement(table: Table, path: Path, tp: int, dp: int, mode: str) -> P
         raise ConfigError(f"native DP over {placement.nodes} nodes runs dp / nodes ranks on each; "
                           f"{dp} ranks do not divide evenly", source=str(path), field="placement.nodes")
     if placement.gpus_per_node is not None:
-        if mode == "replicas" and tp > placement.gpus_per_node:
-            raise ConfigError(f"a replica's {tp} tensor-parallel GPUs must sit on one node, "
+        if mode == "replicas" and placement.executor == "mp" and tp > placement.gpus_per_node:
+            raise ConfigError(f"a replica's {tp} GPUs must sit on one node (executor = \"ray\" lets them span), "
                               f"which has only {placement.gpus_per_node}", source=str(path),
                               field="placement.gpus_per_node")
         if placement.nodes is not None and placement.nodes * placement.gpus_per_node < tp * dp:
             raise ConfigError(f"{placement.nodes} node(s) x {placement.gpus_per_node} GPU(s) hold fewer than "
-                              f"the topology's tensor x data = {tp * dp} GPUs", source=str(path),
+                              f"the topology's {tp * dp} GPUs", source=str(path),
                               field="placement")
     return placement
 

@@ -232,7 +232,9 @@ class RayLauncher:
         for spec in self.plan.servers:
             # A server's devices: those its plan gives it (a DP head's or rank's node share), else the
             # topology's per-server count; a head that leaves its ranks to Ray holds none.
-            holds_none = not spec.gpus and any(a == "--data-parallel-backend" for a in spec.argv)
+            holds_none = not spec.gpus and any(
+                flag in spec.argv and spec.argv[spec.argv.index(flag) + 1] == "ray"
+                for flag in ("--data-parallel-backend", "--distributed-executor-backend"))
             count = 0 if holds_none else (len(spec.gpus) or max(1, self.plan.topology.gpus_per_server))
             demand = ServerDemand(spec.name, count)
             self._servers.append(_Server(spec=spec, demand=demand, log_path=self._log_path(spec.name),

@@ -182,8 +182,16 @@ def spread_native_dp(plan: LaunchPlan, options: EngineOptions) -> LaunchPlan:
     ``"ray"``: one command on the head with ``--data-parallel-backend ray``;
     vLLM places the ranks through Ray itself, so the head holds no devices.
     The head's address and port are placeholders the Ray launcher fills in.
+    ``executor = "ray"`` adds ``--distributed-executor-backend ray`` to every
+    server, which then holds no devices of its own.
     """
     topology = plan.topology
+    placement = topology.placement
+    if options.cluster and placement is not None and placement.executor == "ray":
+        # Each server's TP x PP workers go through Ray, which places them (over nodes if need be).
+        servers = tuple(replace(spec, argv=(*spec.argv, "--distributed-executor-backend", "ray"), gpus=(),
+                                env={**spec.env, "RAY_ADDRESS": "auto"}) for spec in plan.servers)
+        plan = replace(plan, servers=servers)
     nodes = dp_nodes(topology, options)
     if nodes <= 1 or len(plan.servers) != 1:
         return plan

@@ -104,6 +104,8 @@ class SimEngine:
                 "--hardware", topology.hardware,
                 "--model", topology.model.spec,
                 "--tensor-parallel-size", str(topology.tensor_parallel),
+                *(["--pipeline-parallel-size", str(topology.pipeline_parallel)] if topology.pipeline_parallel > 1
+                  else []),
                 "--data-parallel-size", str(dp_per_server),
                 *(["--api-server-count", str(topology.api_server_count)] if topology.api_server_count else []),
                 "--max-num-seqs", str(topology.max_num_seqs),

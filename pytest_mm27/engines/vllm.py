@@ -259,6 +259,8 @@ class VllmEngine:
                 "--host", options.host, "--port", str(port),
                 "--served-model-name", served,
                 "--tensor-parallel-size", str(topology.tensor_parallel),
+                *(["--pipeline-parallel-size", str(topology.pipeline_parallel)] if topology.pipeline_parallel > 1
+                  else []),
                 "--max-num-seqs", str(topology.max_num_seqs),
                 "--gpu-memory-utilization", str(topology.gpu_memory_utilization),
                 "--max-model-len", str(topology.max_model_len),

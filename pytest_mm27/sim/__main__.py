@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-parallel-start-rank", type=int, default=0)
     s.add_argument("--data-parallel-backend", choices=("mp", "ray"), default="mp")
     s.add_argument("--headless", action="store_true", help="DP ranks without an API server (vLLM's --headless)")
+    s.add_argument("--pipeline-parallel-size", type=parse_positive_int, default=1,
+                   help="accepted so a launch plan runs unchanged; the step model is TP only (not modelled)")
+    s.add_argument("--distributed-executor-backend", choices=("mp", "ray", "uni"), default=None)
     s.add_argument("--max-num-seqs", type=parse_positive_int, default=256)
     s.add_argument("--max-model-len", type=parse_positive_int, default=32768)
     s.add_argument("--gpu-memory-utilization", type=parse_fraction, default=0.9)
@@ -116,6 +119,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"sim: head of DP={args.data_parallel_size} ({args.data_parallel_backend} backend, "
               f"{args.data_parallel_size_local or 'all'} local rank(s)); all ranks simulated in this process",
               flush=True)
+    if args.pipeline_parallel_size > 1 or args.distributed_executor_backend == "ray":
+        print(f"sim: --pipeline-parallel-size {args.pipeline_parallel_size} "
+              f"(executor {args.distributed_executor_backend or 'mp'}) accepted, not modelled: "
+              f"each engine is simulated as TP={args.tensor_parallel_size} alone", flush=True)
     from .cluster import setup_for
     from .server import Faults, serve
     setup = setup_for(args.hardware, args.model, args.tensor_parallel_size, args.data_parallel_size,
