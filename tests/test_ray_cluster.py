@@ -44,7 +44,8 @@ def ray_cluster() -> Iterator[Any]:
     from pytest_mm27.cluster import connect
 
     # The nodes' workers import this checkout, as the harness's driver does.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 0, "object_store_memory": STORE, "include_dashboard": False})
     try:
@@ -56,6 +57,10 @@ def ray_cluster() -> Iterator[Any]:
     finally:
         connect.disconnect()
         cluster.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def harness_for(cluster: Any, tmp_path: Path, **cfg: Any) -> Harness:
@@ -330,4 +335,17 @@ def test_tp_x_pp_with_rays_executor_holds_no_devices_itself(ray_cluster: Any, tm
     assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
     assert record["launch"]["ray"]["servers"][0]["devices"] == [], "Ray's executor places the GPU workers"
     assert "accepted, not modelled" in (harness.run_dir / "logs" / "tp2pp2-r0.log").read_text()
+    assert ours_on_cluster(harness.run_id) == (set(), [])
+
+
+def test_a_server_dying_at_start_fails_fast_with_its_log_tail(ray_cluster: Any, tmp_path: Path):
+    harness = harness_for(ray_cluster, tmp_path, sim_faults={"startup-crash": "0.5", "startup-delay": "30"})
+    try:
+        result = harness.deployments["dp3"].run(1)
+    finally:
+        harness.close()
+    assert result.verdict.status == ERROR
+    text = result.verdict.message
+    assert "exited during start-up (exit code 3" in text and "on node " in text, text
+    assert "--- last 40 lines of" in text and "# mm27: ray node" in text, "the tail copied from the node"
     assert ours_on_cluster(harness.run_id) == (set(), [])

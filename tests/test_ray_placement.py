@@ -332,3 +332,9 @@ def test_rays_executor_lets_a_server_span_nodes(tmp_path: Path):
         bad = tmp_path / "bad.toml"
         bad.write_text(text.replace('executor = "ray"\n', ""))
         parse_topology(bad)
+
+
+def test_bad_ray_address_on_the_command_line_is_a_usage_error(pytester: pytest.Pytester):
+    result = pytester.runpytest_subprocess("--ray-address", "http://head")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--ray-address must be 'auto', ray://HOST:PORT or a head's HOST:PORT*"])
