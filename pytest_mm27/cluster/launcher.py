@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog.topology import Placement
-from ..errors import LaunchError, NodeLost, PlacementUnsatisfiable
+from ..errors import LaunchError, Mm27Error, NodeLost, PlacementUnsatisfiable
 from ..host import exits, probe
 from ..host.launcher import ADDR_IN_USE_RE, DEFAULT_GRACE_S, POLL_INTERVAL_S, TeardownReport, _model_ids
 from ..host.plan import HEAD_ADDRESS, HEAD_RPC_PORT, LaunchPlan, ServerSpec, make_base_url
@@ -167,6 +167,15 @@ class RayLauncher:
         exits.track(self)
         try:
             self._start()
+        except Mm27Error:
+            self.stop()
+            raise
+        except Exception as exc:        # Ray's own errors: an actor that could not start, a call timed out
+            self.stop()
+            raise LaunchError(f"starting topology {self.plan.topology.name!r} on the Ray cluster at "
+                              f"{self.address!r} failed: {type(exc).__name__}: {str(exc).strip()[:2000]}\n"
+                              "(every node needs pytest-mm27, at this version, importable by its Ray workers)"
+                              ) from None
         except BaseException:
             self.stop()
             raise
