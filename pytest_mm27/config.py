@@ -21,7 +21,7 @@ from .gate.specs import parse_tolerances
 from .parsing import (
     HISTORY_OFF, parse_concurrency, parse_endpoint, parse_error_rate, parse_gate, parse_history,
     parse_non_negative_float, parse_positive_float,
-    parse_positive_int, parse_precision, parse_sim_fault, split_names,
+    parse_positive_int, parse_precision, parse_ray_address, parse_sim_fault, split_names,
 )
 from .errors import ConfigError
 
@@ -65,6 +65,8 @@ class Mm27Config:
     progress_every_s: float = 5.0           # progress lines on a non-terminal; 0: no live progress
     history: str | None = None              # SQLite path or postgresql:// URL; None: keep no history
     gate: str | None = None                 # "history": judge change points over the history too
+    ray_address: str | None = None          # boot on this Ray cluster; None: local processes
+    ray_load_workers: int | None = None     # load workers as Ray actors on this many nodes; None: local
 
     @property
     def baselines_dir(self) -> Path:
@@ -181,7 +183,17 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
             load_ruptures()     # before anything boots, not after the night's sweep
         except ChangePointsUnavailable as exc:
             raise ConfigError(str(exc), field="--gate") from None
-    cfg = Mm27Config(**{**cfg.__dict__, "history": history, "gate": gate})
+    ray_address = _convert("mm27_ray_address", get("ray_address"), parse_ray_address) if get("ray_address") else None
+    if ray_address:
+        from .cluster.connect import require_ray
+        require_ray()       # a missing Ray stops the run now, not at the first boot
+    ray_workers = get("ray_load_workers")
+    ray_workers = _convert("mm27_ray_load_workers", ray_workers, parse_positive_int) if ray_workers else None
+    if ray_workers and not ray_address:
+        raise ConfigError("--ray-load-workers runs the load on a Ray cluster: give --ray-address too",
+                          field="--ray-load-workers")
+    cfg = Mm27Config(**{**cfg.__dict__, "history": history, "gate": gate, "ray_address": ray_address,
+                        "ray_load_workers": ray_workers})
     if cfg.engine == "endpoint" and not cfg.endpoints:
         raise ConfigError("--engine endpoint needs at least one --endpoint URL", field="--endpoint")
     if cfg.endpoints and cfg.engine not in ("endpoint", "auto"):

@@ -13,6 +13,7 @@ from .host.launcher import Launcher
 from .result import Result
 
 if TYPE_CHECKING:
+    from .cluster.launcher import RayLauncher
     from .harness import Harness
 
 
@@ -29,7 +30,7 @@ class EngineChoice:
 @dataclass
 class LiveDeployment:
     deployment: Deployment
-    launcher: Launcher | None = None
+    launcher: Launcher | RayLauncher | None = None
     lease: Any = None
     endpoints: tuple[str, ...] = ()
     model: str = ""

@@ -33,3 +33,16 @@ class LaunchError(Mm27Error):
 
 class LoadError(Mm27Error):
     """The load generator could not complete a level."""
+
+
+class PlacementUnsatisfiable(LaunchError):
+    """A topology's placement cannot fit the Ray cluster; raised before anything boots."""
+
+
+class NodeLost(LaunchError):
+    """A cluster node (its raylet, and the servers on it) went away while the topology ran."""
+
+    def __init__(self, message: str, *, node: str, servers: tuple[str, ...] = ()):
+        self.node = node
+        self.servers = servers
+        super().__init__(message)

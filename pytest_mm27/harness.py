@@ -83,7 +83,7 @@ class Harness:
         self._floors: dict[str, FloorTable] = {}
         self.options = EngineOptions(
             host=cfg.host, api_key=cfg.api_key, vllm_command=cfg.vllm_command,
-            sim_args=cfg.sim_args(), seed=cfg.seed, endpoints=cfg.endpoints,
+            sim_args=cfg.sim_args(), seed=cfg.seed, endpoints=cfg.endpoints, cluster=bool(cfg.ray_address),
         )
         self.deployments: dict[str, Deployment] = {}
         # Topologies taken in by `--topology all` that no engine here can run
@@ -185,6 +185,8 @@ class Harness:
             by_reason.setdefault(why, []).append(name)
         for why, names in by_reason.items():
             line += f"\nmm27: not run here: {', '.join(names)} ({why})"
+        if self.cfg.ray_address:
+            line += f"\nmm27: placement: the Ray cluster at {self.cfg.ray_address} (a placement group per server)"
         return line
 
     def levels_for(self, topology: Topology) -> tuple[int, ...]:
@@ -285,7 +287,13 @@ class Harness:
         topology, engine = deployment.topology, deployment.choice.engine
         devices: list[tuple[int, ...]] = []
         kind = engine.device_kind(topology)
-        if kind is not None:
+        on_ray = bool(self.cfg.ray_address) and engine.name != "endpoint"
+        if on_ray and kind is not None:
+            # The devices come from Ray's resources on the nodes: nothing is leased on this host.
+            # Placeholders keep the plan's shape; the Ray launcher puts in the ids Ray gives each server.
+            per = topology.gpus_per_server
+            devices = [tuple(range(i * per, (i + 1) * per)) for i in range(topology.replicas)]
+        elif kind is not None:
             live.lease = lease_devices(engine.devices_needed(topology), kind=kind, owner=f"pytest-mm27 {self.run_id}")
             devices = split_devices(topology, live.lease.devices)
             if kind == "gpu":
@@ -298,7 +306,12 @@ class Harness:
         if self.cfg.startup_timeout_s:
             plan = plan.with_startup_timeout(self.cfg.startup_timeout_s)
         version = engine.version(self.options)
-        live.launcher = Launcher(plan, self.run_dir / "logs")
+        if on_ray and plan.servers:
+            from .cluster.launcher import RayLauncher
+            assert self.cfg.ray_address is not None
+            live.launcher = RayLauncher(plan, self.run_dir / "logs", self.cfg.ray_address, run_id=self.run_id)
+        else:
+            live.launcher = Launcher(plan, self.run_dir / "logs")
         started = time.monotonic()
         # The host facts import torch in the engine's environment: read them while the servers boot.
         facts = Background(lambda: collect_host_facts(live.gpus, self._engine_python(engine)))
@@ -310,7 +323,7 @@ class Harness:
             self._booted = {
                 "host": dict(facts.result()), "version": version, "startup_s": round(time.monotonic() - started, 3),
                 # what was started: nothing, for an endpoint's plan
-                "launch": live.launcher.plan.to_dict() if live.launcher.plan.servers else None,
+                "launch": _launch_record(live.launcher, self.cfg.ray_address),
                 "model_dir": prepared.model.name if prepared.model.make else None,
                 "gpus": [g.to_dict() for g in discover_gpus() if g.index in set(live.gpus)] if live.gpus else [],
             }
@@ -437,6 +450,14 @@ class Harness:
         file.add_level(level)
         return level
 
+    def _ray_level(self, live: LiveDeployment, workload: Workload, concurrency: int) -> Any:
+        """The level's load from Ray actors on the cluster's nodes (--ray-load-workers)."""
+        from .loadgen.ray_workers import run_level_on_ray
+        assert self.cfg.ray_address and self.cfg.ray_load_workers
+        return run_level_on_ray(live.endpoints, live.model, workload, concurrency, address=self.cfg.ray_address,
+                                nodes=min(self.cfg.ray_load_workers, concurrency), api_key=self.cfg.api_key,
+                                level_timeout_s=self.cfg.level_timeout_s)
+
     def _trial(self, live: LiveDeployment, workload: Workload, concurrency: int) -> Trial:
         """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile."""
         name = live.deployment.name
@@ -444,12 +465,13 @@ class Harness:
         prefix = live.deployment.topology.env.get("VLLM_PROCESS_NAME_PREFIX", DEFAULT_TITLE_PREFIX)
         with GpuSampler(live.gpus) as sampler, ServerCpuSampler(pids, title_prefix=prefix) as cpu:
             started = time.time()
-            metrics = run_level(live.endpoints, live.model, workload, concurrency,
-                                api_key=self.cfg.api_key, workers=self.cfg.workers,
-                                level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
-                                max_window_s=self.cfg.max_window_s,
-                                progress=lambda done, total, tok_s, failed: self.progress.measuring(
-                                    name, concurrency, done, total, tok_s, failed))
+            metrics = self._ray_level(live, workload, concurrency) if self.cfg.ray_load_workers else \
+                run_level(live.endpoints, live.model, workload, concurrency,
+                          api_key=self.cfg.api_key, workers=self.cfg.workers,
+                          level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
+                          max_window_s=self.cfg.max_window_s,
+                          progress=lambda done, total, tok_s, failed: self.progress.measuring(
+                              name, concurrency, done, total, tok_s, failed))
             ended = time.time()
         # Energy over the whole level, warm-up and tail requests included: they ran on the same GPUs.
         trial = Trial.of(metrics, gpu=sampler.summary(metrics.output_tokens
@@ -460,3 +482,14 @@ class Harness:
             trial.server_cpu = {server: share.to_dict() for server, share in shares.items()}
             trial.front_end_bound, trial.front_end_reason = front_end_bound(shares)
         return trial
+
+
+def _launch_record(launcher: Any, ray_address: str | None) -> dict[str, Any] | None:
+    """What was started (nothing, for an endpoint's plan); on Ray, also which node each server ran on."""
+    if not launcher.plan.servers:
+        return None
+    record = launcher.plan.to_dict()
+    placement = getattr(launcher, "placement_record", None)
+    if placement is not None:
+        record["ray"] = {"address": ray_address, "servers": placement()}
+    return record

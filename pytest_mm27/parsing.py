@@ -8,6 +8,7 @@ with the same words, before anything boots.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
@@ -99,6 +100,15 @@ def parse_history(text: str) -> str:
         raise argparse.ArgumentTypeError(f"--history URL must be postgresql://... (or sqlite://PATH); "
                                          f"got scheme {value.split('://', 1)[0]!r}")
     return value
+
+
+def parse_ray_address(text: str) -> str:
+    """--ray-address: ``auto``, ``ray://host:port`` (Ray Client) or a head's ``host:port``."""
+    value = text.strip()
+    if value == "auto" or re.fullmatch(r"(ray://)?[A-Za-z0-9._\-\[\]:]+:\d{1,5}", value):
+        return value
+    raise argparse.ArgumentTypeError(f"--ray-address must be 'auto', ray://HOST:PORT or a head's HOST:PORT; "
+                                     f"got {text!r}")
 
 
 def parse_sim_fault(text: str) -> tuple[str, str]:

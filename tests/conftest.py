@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "ray: runs a local Ray cluster (select with -m ray, leave out with -m 'not ray')")
     # test_vllm_real groups its tests on one xdist worker (an optimisation: its
     # host-wide lock is what keeps vLLM boots apart); without xdist the mark is a label.
     if not config.pluginmanager.hasplugin("xdist"):

@@ -19,6 +19,7 @@ from .makers import MAKERS
 
 DpMode = Literal["native", "replicas"]
 Device = Literal["cuda", "cpu"]
+DpBackend = Literal["mp", "ray"]
 ENGINES = ("vllm", "sim")
 
 
@@ -33,6 +34,31 @@ class ModelRef:
     # Before booting vLLM the harness writes it into a cache folder and serves
     # that folder in place of ``name``.
     make: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a topology's servers go on a Ray cluster (``[placement]``); ignored by the local launcher.
+
+    ``nodes``: how many nodes the servers are spread over (None: as few as
+    fit, one replica per node while nodes last). ``gpus_per_node``: what each
+    of those nodes must offer; checked against the cluster before boot.
+    ``resource``: the Ray resource a server's devices are counted in ("GPU";
+    a custom name for clusters that label their accelerators otherwise).
+    ``dp_backend``: native DP over several nodes through vLLM's own
+    mechanisms: "mp" runs a head (``--data-parallel-size-local`` ranks and
+    the API) on the first node and ``--headless`` ranks on the others; "ray"
+    runs one command on the head with ``--data-parallel-backend ray``.
+    ``executor``: "ray" gives each server vLLM's ``--distributed-executor-backend
+    ray``, so its TP x PP workers may span nodes (a model too large for one);
+    Ray then places them and the server itself holds no devices.
+    """
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    resource: str = "GPU"
+    dp_backend: DpBackend = "mp"
+    executor: DpBackend = "mp"
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,10 @@ class Topology:
     # vLLM's front-end processes (--api-server-count); None leaves vLLM's default.
     # One API server saturates a core before a small model saturates a GPU.
     api_server_count: int | None = None
+    # Nodes and GPUs per node on a Ray cluster (--ray-address); None: the defaults.
+    placement: Placement | None = None
+    # Pipeline stages per server (vLLM's --pipeline-parallel-size); each holds tensor_parallel GPUs.
+    pipeline_parallel: int = 1
 
     @property
     def replicas(self) -> int:
@@ -73,7 +103,7 @@ class Topology:
 
     @property
     def gpus_per_server(self) -> int:
-        return self.tensor_parallel * (1 if self.dp_mode == "replicas" else self.data_parallel)
+        return self.tensor_parallel * self.pipeline_parallel * (1 if self.dp_mode == "replicas" else self.data_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -84,6 +114,7 @@ class Topology:
         data["vllm_args"] = list(self.vllm_args)
         data["concurrency_levels"] = list(self.concurrency_levels)
         data["engines"] = list(self.engines)
+        data["placement"] = asdict(self.placement) if self.placement else None
         return data
 
 
@@ -121,10 +152,12 @@ def parse_topology(path: Path) -> Topology:
     tp = par.integer("tensor")
     dp = par.integer("data", 1)
     mode = par.string("mode", "native", choices=("native", "replicas"))
-    gpus = par.integer("gpus", tp * dp, minimum=0)
+    pp = par.integer("pipeline", 1)
+    gpus = par.integer("gpus", tp * pp * dp, minimum=0)
     par.finish()
-    if gpus and gpus != tp * dp:
-        raise ConfigError(f"must equal tensor x data = {tp * dp}, got {gpus}",
+    if gpus and gpus != tp * pp * dp:
+        what = "tensor x pipeline x data" if pp > 1 else "tensor x data"
+        raise ConfigError(f"must equal {what} = {tp * pp * dp}, got {gpus}",
                           source=str(path), field="parallel.gpus")
 
     serve = root.table("serve")
@@ -135,6 +168,8 @@ def parse_topology(path: Path) -> Topology:
     env = serve.str_map("env")
     api_server_count = serve.integer("api_server_count", None)
     serve.finish()
+
+    placement = _parse_placement(root.table("placement"), path, tp * pp, dp, mode) if root.has("placement") else None
 
     engine_env: dict[str, Mapping[str, str]] = {}
     if root.has("engine"):
@@ -152,12 +187,42 @@ def parse_topology(path: Path) -> Topology:
                           source=str(path), field="model.spec")
     return Topology(
         name=name, description=description, source=path, hardware=hardware, model=model,
-        tensor_parallel=tp, data_parallel=dp, dp_mode=mode, gpus=tp * dp,
+        tensor_parallel=tp, data_parallel=dp, dp_mode=mode, gpus=tp * pp * dp, pipeline_parallel=pp,
         max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_mem, max_model_len=max_model_len,
         vllm_args=args, env=MappingProxyType(env), concurrency_levels=levels,
         startup_timeout_s=startup_timeout_s, engines=engines, device=device, engine_env=MappingProxyType(engine_env),
-        workload=workload, api_server_count=api_server_count,
+        workload=workload, api_server_count=api_server_count, placement=placement,
     )
+
+
+def _parse_placement(table: Table, path: Path, tp: int, dp: int, mode: str) -> Placement:
+    """``[placement]``, checked against the parallelism (``tp``: a server's TP x PP GPUs per DP rank):
+    a replica's GPUs must fit one node unless Ray's executor spreads them."""
+    placement = Placement(
+        nodes=table.integer("nodes", None),
+        gpus_per_node=table.integer("gpus_per_node", None),
+        resource=table.string("resource", "GPU"),
+        dp_backend=table.string("dp_backend", "mp", choices=("mp", "ray")),
+        executor=table.string("executor", "mp", choices=("mp", "ray")),
+    )
+    table.finish()
+    servers = dp if mode == "replicas" else 1
+    if placement.nodes is not None and mode == "replicas" and placement.nodes > servers:
+        raise ConfigError(f"{placement.nodes} nodes for {servers} replica server(s): a node would stay empty",
+                          source=str(path), field="placement.nodes")
+    if mode == "native" and placement.nodes and placement.dp_backend == "mp" and dp % placement.nodes:
+        raise ConfigError(f"native DP over {placement.nodes} nodes runs dp / nodes ranks on each; "
+                          f"{dp} ranks do not divide evenly", source=str(path), field="placement.nodes")
+    if placement.gpus_per_node is not None:
+        if mode == "replicas" and placement.executor == "mp" and tp > placement.gpus_per_node:
+            raise ConfigError(f"a replica's {tp} GPUs must sit on one node (executor = \"ray\" lets them span), "
+                              f"which has only {placement.gpus_per_node}", source=str(path),
+                              field="placement.gpus_per_node")
+        if placement.nodes is not None and placement.nodes * placement.gpus_per_node < tp * dp:
+            raise ConfigError(f"{placement.nodes} node(s) x {placement.gpus_per_node} GPU(s) hold fewer than "
+                              f"the topology's {tp * dp} GPUs", source=str(path),
+                              field="placement")
+    return placement
 
 
 class UnknownName(ConfigError):

@@ -10,13 +10,13 @@ them, and are masked by every method that produces text for logs or records.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, Protocol
 
 from ..errors import ConfigError
-from ..host.plan import LaunchPlan
+from ..host.plan import HEAD_ADDRESS, HEAD_RPC_PORT, LaunchPlan
 from ..secrets import REDACTED, redact_argv, redact_env
 from ..catalog.topology import Topology
 
@@ -40,6 +40,9 @@ class EngineOptions:
     startup_timeout_s: float | None = None
     # The endpoint engine's servers (already running; nothing is booted).
     endpoints: tuple[str, ...] = ()
+    # The servers go to a Ray cluster: native DP with [placement] nodes > 1 is then
+    # planned across nodes (spread_native_dp).
+    cluster: bool = False
 
     def __repr__(self) -> str:
         return (f"EngineOptions(host={self.host!r}, api_key={REDACTED if self.api_key else None!r}, "
@@ -148,3 +151,70 @@ def startup_timeout(topology: Topology, options: EngineOptions, cap: float | Non
         return float(options.startup_timeout_s)
     timeout = float(topology.startup_timeout_s)
     return min(timeout, cap) if cap else timeout
+
+
+def dp_nodes(topology: Topology, options: EngineOptions) -> int:
+    """Nodes a native-DP topology spans: its [placement] nodes on a cluster, else one."""
+    placement = topology.placement
+    if options.cluster and topology.dp_mode == "native" and placement and placement.nodes:
+        return placement.nodes
+    return 1
+
+
+def _without(argv: tuple[str, ...], flag: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
+def spread_native_dp(plan: LaunchPlan, options: EngineOptions) -> LaunchPlan:
+    """A one-server native-DP plan spread over the topology's nodes, as vLLM runs it there.
+
+    ``dp_backend = "mp"``: the head (API server and ``dp / nodes`` local ranks)
+    on the first node, one ``--headless`` server per other node with its
+    ``--data-parallel-start-rank``; all dial the head's DP RPC port.
+    ``"ray"``: one command on the head with ``--data-parallel-backend ray``;
+    vLLM places the ranks through Ray itself, so the head holds no devices.
+    The head's address and port are placeholders the Ray launcher fills in.
+    ``executor = "ray"`` adds ``--distributed-executor-backend ray`` to every
+    server, which then holds no devices of its own.
+    """
+    topology = plan.topology
+    placement = topology.placement
+    if options.cluster and placement is not None and placement.executor == "ray":
+        # Each server's TP x PP workers go through Ray, which places them (over nodes if need be).
+        servers = tuple(replace(spec, argv=(*spec.argv, "--distributed-executor-backend", "ray"), gpus=(),
+                                env={**spec.env, "RAY_ADDRESS": "auto"}) for spec in plan.servers)
+        plan = replace(plan, servers=servers)
+    nodes = dp_nodes(topology, options)
+    if nodes <= 1 or len(plan.servers) != 1:
+        return plan
+    assert topology.placement is not None
+    (single,) = plan.servers
+    dp, tp = topology.data_parallel, topology.tensor_parallel
+    base = _without(single.argv, "--data-parallel-size")
+    if topology.placement.dp_backend == "ray":
+        argv = (*base, "--data-parallel-size", str(dp), "--data-parallel-backend", "ray",
+                "--data-parallel-address", HEAD_ADDRESS)
+        head = replace(single, argv=argv, gpus=(), env={**single.env, "RAY_ADDRESS": "auto"})
+        return replace(plan, servers=(head,), endpoints=(head.base_url,))
+    local = dp // nodes
+    common = ["--data-parallel-size", str(dp), "--data-parallel-size-local", str(local),
+              "--data-parallel-address", HEAD_ADDRESS, "--data-parallel-rpc-port", HEAD_RPC_PORT]
+    per_node = local * tp
+    servers = []
+    for k in range(nodes):
+        gpus = tuple(range(k * per_node, (k + 1) * per_node))
+        if k == 0:
+            servers.append(replace(single, argv=(*base, *common), gpus=gpus))
+        else:
+            argv = (*base, *common, "--headless", "--data-parallel-start-rank", str(k * local))
+            servers.append(replace(single, name=f"{topology.name}-rank{k * local}", argv=argv, gpus=gpus,
+                                   port=0, serves=False))
+    return replace(plan, servers=tuple(servers), endpoints=(servers[0].base_url,))

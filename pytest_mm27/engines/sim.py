@@ -25,6 +25,7 @@ from .base import (
     check_ports,
     frozen_env,
     server_name,
+    spread_native_dp,
     startup_timeout,
 )
 
@@ -103,6 +104,8 @@ class SimEngine:
                 "--hardware", topology.hardware,
                 "--model", topology.model.spec,
                 "--tensor-parallel-size", str(topology.tensor_parallel),
+                *(["--pipeline-parallel-size", str(topology.pipeline_parallel)] if topology.pipeline_parallel > 1
+                  else []),
                 "--data-parallel-size", str(dp_per_server),
                 *(["--api-server-count", str(topology.api_server_count)] if topology.api_server_count else []),
                 "--max-num-seqs", str(topology.max_num_seqs),
@@ -116,8 +119,8 @@ class SimEngine:
                 name=server_name(topology, i), argv=tuple(argv), env=env, host=options.host,
                 port=port, gpus=devs, base_url=make_base_url(options.host, port), api_key=options.api_key,
             ))
-        return LaunchPlan(
+        return spread_native_dp(LaunchPlan(
             topology=topology, engine=self.name, servers=tuple(servers),
             endpoints=tuple(s.base_url for s in servers), model=served,
             startup_timeout_s=startup_timeout(topology, options, cap=SIM_STARTUP_CAP_S),
-        )
+        ), options)

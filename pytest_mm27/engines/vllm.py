@@ -32,6 +32,7 @@ from .base import (
     check_ports,
     frozen_env,
     server_name,
+    spread_native_dp,
     startup_timeout,
 )
 
@@ -258,6 +259,8 @@ class VllmEngine:
                 "--host", options.host, "--port", str(port),
                 "--served-model-name", served,
                 "--tensor-parallel-size", str(topology.tensor_parallel),
+                *(["--pipeline-parallel-size", str(topology.pipeline_parallel)] if topology.pipeline_parallel > 1
+                  else []),
                 "--max-num-seqs", str(topology.max_num_seqs),
                 "--gpu-memory-utilization", str(topology.gpu_memory_utilization),
                 "--max-model-len", str(topology.max_model_len),
@@ -280,8 +283,8 @@ class VllmEngine:
                 port=port, gpus=devs, base_url=make_base_url(options.host, port), api_key=options.api_key,
                 private_tmp=True,
             ))
-        return LaunchPlan(
+        return spread_native_dp(LaunchPlan(
             topology=topology, engine=self.name, servers=tuple(servers),
             endpoints=tuple(s.base_url for s in servers), model=served,
             startup_timeout_s=startup_timeout(topology, options),
-        )
+        ), options)

@@ -320,6 +320,9 @@ class Launcher:
 
     def _probe(self, server: _Server) -> None:
         spec = server.spec
+        if not spec.serves:         # a headless rank: no HTTP; alive is all it can be
+            server.healthy, server.last_probe = True, "running (serves no HTTP)"
+            return
         health = probe.get(spec.base_url + "/health")
         if health.status != 200:
             server.last_probe = f"GET /health: {health.why}"

@@ -33,6 +33,9 @@ class ServerSpec:
     # The launcher gives the server a TMPDIR of its own and deletes it (and the
     # /dev/shm segments named after vllm_dist_* folders in it) at teardown.
     private_tmp: bool = False
+    # False for a headless DP rank (vLLM's --headless): it serves no HTTP and is
+    # healthy while it runs; the head's endpoint is the deployment's.
+    serves: bool = True
 
     def __repr__(self) -> str:
         # Reprs end up in tracebacks and pytest failure output: keep them redacted.
@@ -71,7 +74,14 @@ class ServerSpec:
             "gpus": list(self.gpus),
             "base_url": self.base_url,
             "private_tmp": self.private_tmp,
+            "serves": self.serves,
         }
+
+
+# In argv of a plan spread over cluster nodes: the head's address and DP RPC port,
+# known once the head is placed; the Ray launcher writes them in before starting.
+HEAD_ADDRESS = "{head-address}"
+HEAD_RPC_PORT = "{head-rpc-port}"
 
 
 @dataclass(frozen=True)

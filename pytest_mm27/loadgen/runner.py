@@ -118,6 +118,10 @@ class _Plan:
     rule: WindowRule | None    # steady mode: when the window ends
 
 
+# For the Ray load workers (ray_workers), which share these shares and steps.
+LevelPlan = _Plan
+
+
 def _validate(endpoints, model, workload, concurrency, workers, level_timeout_s) -> list[str]:
     eps = [str(e) for e in endpoints] if not isinstance(endpoints, str) else [endpoints]
     if not eps:
@@ -202,6 +206,10 @@ async def _warmup(client: Client, plan: _Plan, factory: RequestFactory, deadline
         timeout_s=plan.workload.request_timeout_s, stall_s=plan.workload.stall_limit_s,
         deadline=deadline, measure=False,
     )
+
+
+def warmup(client: Client, plan: _Plan, factory: RequestFactory, deadline: float | None):
+    return _warmup(client, plan, factory, deadline)
 
 
 def count_claim(plan: _Plan, n: int | None, base: int = 0, stop_at: float | None = None):

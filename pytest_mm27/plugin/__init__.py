@@ -23,7 +23,7 @@ from ..harness import Harness
 from ..parsing import (
     SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_gate, parse_history,
     parse_non_negative_float,
-    parse_positive_float, parse_positive_int, parse_precision, parse_sim_fault,
+    parse_positive_float, parse_positive_int, parse_precision, parse_ray_address, parse_sim_fault,
 )
 from .fixtures import (
     CURRENT_ITEM_KEY, HARNESS_KEY, DeploymentHandle, Level, LevelCase, mm27_case, mm27_deployment, mm27_harness,
@@ -59,6 +59,11 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
     ("hardware", "string", "hardware profile of this box when it differs from the topologies' "
      "(picks floors, baselines and the simulator's GPU), e.g. h200", {"metavar": "PROFILE"}),
     ("host", "string", "address servers bind to (default 127.0.0.1)", {"metavar": "HOST"}),
+    ("ray_address", "string", "boot the servers on this Ray cluster: 'auto', ray://HOST:10001 or a head's "
+     "HOST:PORT (needs pytest-mm27[ray]; default: local processes)", {"type": parse_ray_address, "metavar": "ADDR"}),
+    ("ray_load_workers", "string", "run each level's load as N Ray actors on N distinct nodes of the "
+     "--ray-address cluster (count and duration workloads; default: local workers)",
+     {"type": parse_positive_int, "metavar": "N"}),
     ("sim_fault", "linelist", f"simulator fault knob NAME=VALUE: {', '.join(SIM_FAULTS)} (repeatable)",
      {"action": "append", "type": parse_sim_fault, "metavar": "KNOB"}),
     ("max_error_rate", "string", "fraction of failed requests that fails a level (default 0)",

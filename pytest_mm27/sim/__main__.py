@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-server-count", type=parse_positive_int, default=None,
                    help="vLLM's API server processes; accepted so a launch plan runs unchanged, "
                         "not modelled yet (the simulator's front end has no CPU limit)")
+    # vLLM's multi-node DP flags, so a plan spread over cluster nodes runs unchanged: the head
+    # simulates every DP rank's engine; a --headless server stands for its node's ranks.
+    s.add_argument("--data-parallel-size-local", type=parse_positive_int, default=None)
+    s.add_argument("--data-parallel-address", default=None)
+    s.add_argument("--data-parallel-rpc-port", type=int, default=None)
+    s.add_argument("--data-parallel-start-rank", type=int, default=0)
+    s.add_argument("--data-parallel-backend", choices=("mp", "ray"), default="mp")
+    s.add_argument("--headless", action="store_true", help="DP ranks without an API server (vLLM's --headless)")
+    s.add_argument("--pipeline-parallel-size", type=parse_positive_int, default=1,
+                   help="accepted so a launch plan runs unchanged; the step model is TP only (not modelled)")
+    s.add_argument("--distributed-executor-backend", choices=("mp", "ray", "uni"), default=None)
     s.add_argument("--max-num-seqs", type=parse_positive_int, default=256)
     s.add_argument("--max-model-len", type=parse_positive_int, default=32768)
     s.add_argument("--gpu-memory-utilization", type=parse_fraction, default=0.9)
@@ -85,7 +96,33 @@ def _workload(name: str, extra: list[Path] | None):
     return load_workloads(catalog_dirs("workloads", extra)).get(name)
 
 
+def _headless(args: argparse.Namespace) -> int:
+    """A headless server's ranks are simulated by the head; this one holds its node until told to stop."""
+    import signal
+    import threading
+    local = args.data_parallel_size_local or 1
+    first = args.data_parallel_start_rank
+    print(f"sim: headless, DP ranks {first}..{first + local - 1} of {args.data_parallel_size}, "
+          f"simulated by the head at {args.data_parallel_address}:{args.data_parallel_rpc_port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.headless:
+        return _headless(args)
+    if args.data_parallel_size_local is not None or args.data_parallel_backend == "ray":
+        # Said in the log: one process stands for every rank, the network between nodes is not modelled here.
+        print(f"sim: head of DP={args.data_parallel_size} ({args.data_parallel_backend} backend, "
+              f"{args.data_parallel_size_local or 'all'} local rank(s)); all ranks simulated in this process",
+              flush=True)
+    if args.pipeline_parallel_size > 1 or args.distributed_executor_backend == "ray":
+        print(f"sim: --pipeline-parallel-size {args.pipeline_parallel_size} "
+              f"(executor {args.distributed_executor_backend or 'mp'}) accepted, not modelled: "
+              f"each engine is simulated as TP={args.tensor_parallel_size} alone", flush=True)
     from .cluster import setup_for
     from .server import Faults, serve
     setup = setup_for(args.hardware, args.model, args.tensor_parallel_size, args.data_parallel_size,
