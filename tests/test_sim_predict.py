@@ -303,3 +303,16 @@ def test_error_estimate_is_the_worst_validation_error_never_below_its_floor():
     assert error_estimate(rows, {"output_tok_s": 0.2, "ttft_p50_ms": 1.5}) == {
         "output_tok_s": 0.2, "tpot_p50_ms": 0.25, "ttft_p50_ms": 1.5}
     assert error_estimate([row("fit", 100, 150)]) == {}
+
+
+def test_one_engine_of_identical_replicas_scales_to_the_whole_deployment():
+    """What plan relies on: DP replicas (and PP micro-batch schedulers) are identical and balanced."""
+    from pytest_mm27.sim.virtual import simulate_level
+    s = _h200_small(dp=4, dp_mode="replicas", pp=2)
+    whole = simulate_level(s, 64, 128, 128, 256)
+    one = simulate_level(s, 8, 16, 128, 256, one_engine=True)
+    assert one.output_tok_s * 8 == pytest.approx(whole.output_tok_s, rel=0.02)
+    assert one.tpot_p50_ms == pytest.approx(whole.tpot_p50_ms, rel=0.02)
+    # its share of the API processes: 2 schedulers per replica server, one process each
+    capped = simulate_level(_h200_small(pp=2), 128, 256, 128, 256, one_engine=True)
+    assert capped.output_tok_s <= 10_000 / 2 * 1.001

@@ -5,9 +5,11 @@ node; a TP group either fits in a node (G divisible by TP) or spans whole nodes
 (TP a multiple of G), as NCCL rings are built in practice. Stage boundaries and
 TP groups that cross nodes go over the hardware profile's ``[network]``.
 
-The DP replicas of a split are identical and the client balances them, so a
-level at concurrency c is simulated on one replica at c / DP and scaled: the
-plan over 64 GPUs stays a few seconds. ``sim predict`` simulates every engine.
+The DP replicas of a split are identical and the client balances them, and so
+are a PP engine's micro-batch schedulers: a level at concurrency c is simulated
+on one of the DP x PP schedulers at c / (DP x PP), with its share of the API
+processes, and scaled, so a plan over 64 GPUs stays a few seconds. ``sim
+predict`` simulates every engine.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def default_levels(gpus: int) -> tuple[int, ...]:
 
 
 def _scaled(p: LevelPrediction, c: int, dp: int) -> LevelPrediction:
-    """One replica's level as the whole deployment's: DP times the throughput, same latencies."""
+    """One scheduler's level as the whole deployment's: ``dp`` times the throughput, same latencies."""
     return replace(p, concurrency=c, requests=p.requests * dp, output_tok_s=p.output_tok_s * dp,
                    output_tokens=p.output_tokens * dp, preemptions=p.preemptions * dp,
                    stream_output_tok_s=p.stream_output_tok_s * dp)
@@ -102,10 +104,11 @@ def plan(hardware: str, model: str, gpus: int, workload: Any, *, levels: tuple[i
                 problem = "KV cache cannot hold one request of this workload"
             curve: tuple[LevelPrediction, ...] = ()
             if problem is None:
-                one = setup.with_(dp=1)
+                engines = dp * pp
                 curve = tuple(
-                    _scaled(simulate_level(one, math.ceil(c / dp), workload.requests_for(math.ceil(c / dp)),
-                                           workload.input_tokens, workload.output_tokens, steady=steady), c, dp)
+                    _scaled(simulate_level(setup, math.ceil(c / engines), workload.requests_for(math.ceil(c / engines)),
+                                           workload.input_tokens, workload.output_tokens, steady=steady,
+                                           one_engine=True), c, engines)
                     for c in levels)
             out.append(Candidate(tp, dp, fit, problem, curve, pp=pp))
     runnable = sorted((c for c in out if c.problem is None), key=lambda c: -c.peak.output_tok_s)

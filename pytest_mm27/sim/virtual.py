@@ -87,13 +87,24 @@ class FrontEnd:
 
 
 def simulate_level(setup: SimSetup, concurrency: int, requests: int, input_tokens: int,
-                   output_tokens: int, duration_s: float | None = None, steady: bool = False) -> LevelPrediction:
+                   output_tokens: int, duration_s: float | None = None, steady: bool = False,
+                   one_engine: bool = False) -> LevelPrediction:
     """One closed-loop level. ``steady``: measure the window where every slot is busy
-    (as loadgen.steady does) instead of first send to last completion."""
+    (as loadgen.steady does) instead of first send to last completion.
+
+    ``one_engine``: simulate only the first of the setup's identical, evenly loaded
+    engines (DP replicas, PP micro-batch schedulers), with its share of the API
+    processes; the caller gives it its share of the concurrency and scales up.
+    """
     engines = setup.build_engines()
     cal = setup.calibration
     ingest = cal.ingest_latency_ms * 1e-3
-    front = FrontEnd(setup.api_processes, cal.api_token_us * 1e-6, cal.api_request_us * 1e-6)
+    if one_engine:
+        share = len(engines) / setup.api_processes      # engines per API process
+        engines = engines[:1]
+        front = FrontEnd(1, cal.api_token_us * 1e-6 * share, cal.api_request_us * 1e-6 * share)
+    else:
+        front = FrontEnd(setup.api_processes, cal.api_token_us * 1e-6, cal.api_request_us * 1e-6)
     if steady:
         requests = max(requests, STEADY_ROUNDS * concurrency)
     outstanding = [0] * len(engines)
@@ -113,7 +124,7 @@ def simulate_level(setup: SimSetup, concurrency: int, requests: int, input_token
         e = min(range(len(engines)), key=outstanding.__getitem__)
         outstanding[e] += 1
         seq = Seq(sent, input_tokens, output_tokens, now)
-        proc = setup.api_process_for(e, sent)
+        proc = 0 if one_engine else setup.api_process_for(e, sent)
         process_of[sent] = proc
         visible = front.stream(proc, now, 0, 1) + ingest
         sent += 1
