@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -46,8 +47,9 @@ def test_minimax_parameter_counts_match_model_card():
 
 
 def _perf(model=NVFP4, hw="rtx-pro-6000", tp=2, **cal):
-    c = replace(Calibration(), bandwidth_efficiency=1.0, nvfp4_bandwidth_factor=1.0, compute_efficiency=1.0,
-                step_overhead_ms=0.0, per_seq_overhead_us=0.0, routing_skew=0.0, **cal)
+    base = dict(bandwidth_efficiency=1.0, nvfp4_bandwidth_factor=1.0, compute_efficiency=1.0,
+                step_overhead_ms=0.0, per_seq_overhead_us=0.0, routing_skew=0.0)
+    c = replace(Calibration(), **{**base, **cal})
     return PerfModel(load_hardware(hw), load_model(model), c, tp)
 
 
@@ -150,3 +152,105 @@ def test_scheduler_respects_max_num_seqs_and_preempts_when_kv_is_full():
     assert eng.preemptions > 0
     assert all(s.done and s.generated == 100 for s in seqs)
     assert eng.free_blocks == eng.total_blocks
+
+
+# --- per-kernel floors (CUDA graphs vs eager) ---
+
+def test_kernel_floors_graph_below_capture_size_eager_above():
+    perf = _perf(model="small-llama-0.75b", hw="h200", tp=1, kernel_graph_us=3.0, kernel_eager_us=9.0,
+                 cudagraph_max_tokens=512)
+    graph = perf.cost(StepShape(512, 512, 512, 0, 0)).kernels
+    eager = perf.cost(StepShape(513, 1, 1, 0, 0)).kernels
+    assert graph > 0 and eager > 2.5 * graph
+    # what the total says is the sum of its terms, on the scheduler's hot path too
+    shape = StepShape(100, 10, 10, 2000, 0)
+    assert perf.step_time(*shape.__dict__.values()) == pytest.approx(perf.cost(shape).total)
+
+
+def test_kernel_floor_is_hidden_by_a_big_gemm_read_but_not_by_a_small_one():
+    floor = 4.0
+    big = _perf(model="llama-8b-shape", hw="h200", tp=1, kernel_graph_us=floor)
+    m = big.model
+    # 8B's four weight GEMMs each read for longer than 4 us: only the 6 other kernels pay the floor
+    assert all(b / (4800e9) > floor * 1e-6 for b in m.layer_gemm_bytes())
+    assert big.kernel_time(1) == pytest.approx(m.num_layers * (m.layer_kernels - 4) * floor * 1e-6)
+    small = _perf(model="small-llama-0.75b", hw="h200", tp=1, kernel_graph_us=floor)
+    s = small.model
+    excess = sum(max(0.0, floor * 1e-6 - b / 4800e9) for b in s.layer_gemm_bytes())
+    assert excess > 0
+    assert small.kernel_time(1) == pytest.approx(s.num_layers * ((s.layer_kernels - 4) * floor * 1e-6 + excess))
+
+
+def test_layer_kernel_counts_from_the_layer_type():
+    assert load_model("llama-8b-shape").layer_kernels == 10
+    assert load_model(NVFP4).layer_kernels == 16
+    assert len(load_model(NVFP4).layer_gemm_bytes()) == 2       # the MoE's grouped GEMMs are batch-dependent
+
+
+def test_a_random_router_routes_uniformly_a_trained_one_with_skew():
+    trained = _perf(routing_skew=1.2)
+    random_router = PerfModel(trained.hw, replace(trained.model, router="random"), trained.cal, 2)
+    assert random_router.experts_touched(64) == pytest.approx(distinct_experts(256, 8, 64))
+    assert trained.experts_touched(64) < random_router.experts_touched(64) - 20
+
+
+def test_model_file_rejects_an_unknown_router(tmp_path):
+    from pytest_mm27.errors import ConfigError
+    from pytest_mm27.sim.specs import parse_model
+    src = (Path(__file__).resolve().parent.parent / "fixtures" / "models" / "small-llama-0.75b.toml").read_text()
+    bad = tmp_path / "m.toml"
+    bad.write_text(src + 'router = "learned"\n')
+    with pytest.raises(ConfigError, match=r"m\.toml.*router"):
+        parse_model(bad)
+
+
+# --- pipeline parallel and nodes ---
+
+def test_pipeline_stages_split_weights_and_kv_per_gpu_and_run_micro_batches():
+    one = setup_for("rtx-pro-6000", NVFP4, 2, 1, 256, 0.9, 4096)
+    two = one.with_(pp=2)
+    f1, f2 = one.memory(), two.memory()
+    assert f2.weights_gib_per_gpu == pytest.approx(f1.weights_gib_per_gpu / 2)
+    assert f2.kv_tokens > 2 * f1.kv_tokens          # half the weights and half the layers' KV per GPU
+    engines = two.with_(dp=3).build_engines()
+    assert len(engines) == 6 and all(e.max_num_seqs == 128 for e in engines)
+    # a micro-batch passes every stage: same model time, plus one hop over the box's link
+    shape = StepShape(64, 64, 64, 0, 0)
+    extra = two.perf().cost(shape).allreduce - one.perf().cost(shape).allreduce
+    hw = one.hardware
+    assert extra == pytest.approx(hw.allreduce_latency_us * 1e-6 + 64 * 3072 * 2 / (hw.allreduce_bandwidth_gbs * 1e9))
+
+
+def test_stage_boundaries_on_node_boundaries_go_over_the_network():
+    base = setup_for("h200", "llama-8b-shape", 4, 1, 256, 0.9, 4096, gpus_per_node=8)
+    assert base.with_(pp=2).placement() == (0, 0)       # 8 GPUs: one node
+    assert base.with_(pp=4).placement() == (1, 0)       # stage 2 starts on node 2
+    assert base.with_(tp=16).placement() == (0, 8)      # TP over two nodes, 8 GPUs sharing each NIC set
+    near, far = base.with_(pp=2).perf(), base.with_(pp=4).perf()
+    shape = StepShape(32, 32, 32, 0, 0)
+    net = base.hardware.network
+    local = base.hardware.allreduce_latency_us * 1e-6 + 32 * 4096 * 2 / (base.hardware.allreduce_bandwidth_gbs * 1e9)
+    over = net.latency_us * 1e-6 + 32 * 4096 * 2 / (net.bandwidth_gbs * 1e9)
+    assert far.cost(shape).allreduce - near.cost(shape).allreduce == pytest.approx(local + over)
+
+
+def test_crossing_nodes_needs_a_network_table():
+    from pytest_mm27.errors import ConfigError
+    s = setup_for("h100-sxm", "llama-8b-shape", 1, 1, 256, 0.9, 4096, gpus_per_node=1)
+    assert s.hardware.network is None
+    s.perf()                                            # one GPU: nothing crosses
+    with pytest.raises(ConfigError, match="no \\[network\\] table"):
+        s.with_(pp=2).perf()
+
+
+def test_hardware_network_table_is_checked(tmp_path):
+    from pytest_mm27.errors import ConfigError
+    from pytest_mm27.sim.specs import parse_hardware
+    src = (Path(__file__).resolve().parent.parent / "fixtures" / "hardware" / "h100-sxm.toml").read_text()
+    bad = tmp_path / "hw.toml"
+    bad.write_text(src + '\n[network]\nkind = "ib"\nlatency_us = 5\n')
+    with pytest.raises(ConfigError, match=r"hw\.toml.*bandwidth_gbs"):
+        parse_hardware(bad)
+    good = tmp_path / "ok.toml"
+    good.write_text(src + '\n[network]\nkind = "ib"\nlatency_us = 5\nbandwidth_gbs = 400\n')
+    assert parse_hardware(good).network.bandwidth_gbs == 400

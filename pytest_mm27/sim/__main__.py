@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensor-parallel-size", type=parse_positive_int, default=1)
     s.add_argument("--data-parallel-size", type=parse_positive_int, default=1)
     s.add_argument("--api-server-count", type=parse_positive_int, default=None,
-                   help="vLLM's API server processes; accepted so a launch plan runs unchanged, "
-                        "not modelled yet (the simulator's front end has no CPU limit)")
+                   help="vLLM's API server processes; accepted so a launch plan runs unchanged; the "
+                        "served simulator's front end is its own process (`sim predict` models the limit)")
     # vLLM's multi-node DP flags, so a plan spread over cluster nodes runs unchanged: the head
     # simulates every DP rank's engine; a --headless server stands for its node's ranks.
     s.add_argument("--data-parallel-size-local", type=parse_positive_int, default=None)
@@ -72,12 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default=None,
                    help="hardware profile in place of the topology's (fixtures/hardware/NAME.toml), "
                         "as the plugin's --hardware")
+    p.add_argument("--model", default=None, help="model spec in place of the topology's (fixtures/models/NAME.toml)")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=parse_positive_int, default=None)
+    p.add_argument("--pipeline-parallel-size", "--pp", dest="pp", type=parse_positive_int, default=None)
+    p.add_argument("--data-parallel-size", "--dp", dest="dp", type=parse_positive_int, default=None)
+    p.add_argument("--api-server-count", type=parse_positive_int, default=None,
+                   help="API server processes per server (default: the topology's, else 1)")
+    p.add_argument("--max-num-seqs", type=parse_positive_int, default=None)
     p.add_argument("--concurrency", type=parse_concurrency, default=None, help="e.g. 1,4,16 (default: the topology's levels)")
     p.add_argument("--json", action="store_true", help="print a JSON list of per-level objects")
     p.add_argument("--fixtures-dir", type=Path, action="append", default=None)
 
-    q = sub.add_parser("plan", help="rank the TP x DP splits of N GPUs for a model")
-    q.add_argument("--gpus", type=parse_positive_int, required=True)
+    q = sub.add_parser("plan", help="rank the TP x PP x DP splits of N nodes x G GPUs for a model")
+    q.add_argument("--gpus", type=parse_positive_int, required=True, help="GPUs per node")
+    q.add_argument("--nodes", type=parse_positive_int, default=1,
+                   help="nodes, linked by the hardware profile's [network] (default 1)")
+    q.add_argument("--api-server-count", type=parse_positive_int, default=1,
+                   help="API server processes per replica server")
+    q.add_argument("--max-pp", type=parse_positive_int, default=None, help="largest pipeline split to try")
     q.add_argument("--hardware", required=True)
     q.add_argument("--model", required=True)
     q.add_argument("--workload", default="default")
@@ -134,13 +146,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     startup_crash=args.startup_crash)
     if args.api_server_count is not None:
         # Said in the server log, so a reader does not take the figures as modelling it.
-        print(f"sim: --api-server-count {args.api_server_count} accepted, not modelled", flush=True)
+        print(f"sim: --api-server-count {args.api_server_count} accepted, not modelled by the served "
+              "simulator (sim predict models it)", flush=True)
     serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
     return 0
 
 
+ERROR_LABELS = {"output_tok_s": "tok/s", "tpot_p50_ms": "TPOT", "ttft_p50_ms": "TTFT"}
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..catalog.paths import catalog_dirs
+    from .specs import error_estimate
     from ..catalog.topology import load_catalog
     from .cluster import setup_for_topology
     from .virtual import predict_curve
@@ -149,44 +166,62 @@ def cmd_predict(args: argparse.Namespace) -> int:
         topo = dataclasses.replace(topo, hardware=args.hardware)
     workload = _workload(args.workload or topo.workload, args.fixtures_dir)
     setup = setup_for_topology(topo, extra_dirs=args.fixtures_dir)
+    if args.model:
+        from .specs import load_model
+        setup = setup.with_(model=load_model(args.model, args.fixtures_dir))
+    overrides = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
+                                   ("api_server_count", args.api_server_count),
+                                   ("max_num_seqs", args.max_num_seqs)) if v is not None}
+    setup = setup.with_(**overrides)
     levels = args.concurrency or topo.concurrency_levels
     curve = predict_curve(setup, levels, workload)
+    errors = error_estimate(args.fixtures_dir)
     if args.json:
         keys = ("concurrency", "output_tok_s", "stream_output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
-                "tpot_p50_ms", "e2el_p50_ms", "requests")
-        print(json.dumps([{k: getattr(p, k) for k in keys} for p in curve], indent=2))
+                "tpot_p50_ms", "e2el_p50_ms", "requests", "api_busy")
+        print(json.dumps([{**{k: getattr(p, k) for k in keys}, "error_estimate": errors} for p in curve],
+                         indent=2))
         return 0
     fit = setup.memory()
+    split = f"TP={setup.tp}" + (f" x PP={setup.pp}" if setup.pp > 1 else "") + f" x DP={setup.dp}"
     print(f"predict: topology {topo.name} ({setup.model.name} on {setup.hardware.name}, "
-          f"TP={setup.tp} x DP={setup.dp}, {topo.dp_mode}), workload {workload.name} "
-          f"({workload.input_tokens} in / {workload.output_tokens} out)")
+          f"{split}, {setup.dp_mode}, {setup.api_processes} API process(es)), workload {workload.name} "
+          f"({workload.input_tokens} in / {workload.output_tokens} out{', steady' if workload.steady else ''})")
     print(f"         per engine: {fit.reason}")
+    if errors:
+        print("         error estimate (cases the fit never saw): "
+              + ", ".join(f"{ERROR_LABELS.get(k, k)} +-{v:.0%}" for k, v in errors.items()))
     print(f"{'c':>5} {'reqs':>5} {'out tok/s':>10} {'stream tok/s':>12} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'E2EL p50':>9} {'running':>8} {'preempt':>8}")
+          f"{'TPOT p50':>9} {'E2EL p50':>9} {'running':>8} {'preempt':>8} {'API busy':>8}")
     for p in curve:
         print(f"{p.concurrency:>5} {p.requests:>5} {p.output_tok_s:>10,.0f} {p.stream_output_tok_s:>12,.0f} "
               f"{p.ttft_p50_ms:>7,.0f}ms "
               f"{p.ttft_p99_ms:>7,.0f}ms {p.tpot_p50_ms:>7.1f}ms {p.e2el_p50_ms:>7,.0f}ms "
-              f"{p.max_running:>8} {p.preemptions:>8}")
+              f"{p.max_running:>8} {p.preemptions:>8} {p.api_busy:>8.0%}")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import DEFAULT_LEVELS, plan, render_plan
+    from .plan import plan, render_plan
+    from .specs import error_estimate
     workload = _workload(args.workload, args.fixtures_dir)
-    cands = plan(args.hardware, args.model, args.gpus, workload, levels=args.concurrency or DEFAULT_LEVELS,
+    cands = plan(args.hardware, args.model, args.gpus, workload, levels=args.concurrency,
                  max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-                 max_model_len=args.max_model_len, extra_dirs=args.fixtures_dir)
+                 max_model_len=args.max_model_len, extra_dirs=args.fixtures_dir, nodes=args.nodes,
+                 api_server_count=args.api_server_count, max_pp=args.max_pp)
+    errors = error_estimate(args.fixtures_dir)
     if args.json:
         print(json.dumps([{
-            "tp": c.tp, "dp": c.dp, "fits": c.problem is None, "problem": c.problem,
+            "tp": c.tp, "pp": c.pp, "dp": c.dp, "fits": c.problem is None, "problem": c.problem,
             "weights_gib_per_gpu": round(c.fit.weights_gib_per_gpu, 2), "kv_tokens": c.fit.kv_tokens,
             "peak_output_tok_s": c.peak.output_tok_s if c.peak else None,
             "peak_concurrency": c.peak.concurrency if c.peak else None,
             "curve": [{"concurrency": p.concurrency, "output_tok_s": p.output_tok_s} for p in c.curve],
+            "error_estimate": errors,
         } for c in cands], indent=2))
         return 0
-    print(render_plan(cands, args.hardware, args.model, args.gpus, workload.name))
+    labels = {ERROR_LABELS.get(k, k): v for k, v in errors.items()}
+    print(render_plan(cands, args.hardware, args.model, args.gpus, workload.name, nodes=args.nodes, errors=labels))
     return 0
 
 

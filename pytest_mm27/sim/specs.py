@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,15 @@ DTYPES = tuple(BYTES_PER_PARAM)
 
 
 @dataclass(frozen=True)
+class Link:
+    """The network between nodes: one message's latency and one node's bandwidth (all its NICs)."""
+
+    kind: str
+    latency_us: float
+    bandwidth_gbs: float
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     description: str
@@ -34,6 +43,7 @@ class HardwareProfile:
     interconnect: str                   # "pcie" | "nvlink"
     allreduce_latency_us: float         # one all-reduce call, small message
     allreduce_bandwidth_gbs: float      # effective bus bandwidth of a large all-reduce
+    network: Link | None = None         # between nodes of such GPUs ([network]); None: one node only
 
     def tflops_for(self, dtype: str) -> float:
         # No native FP4 (Hopper): NVFP4 weights are dequantized and run at FP8's rate.
@@ -63,6 +73,12 @@ class ModelSpec:
     expert_dtype: str                   # storage format of the MLP / expert weights
     attention_dtype: str
     kv_cache_dtype: str
+    # "trained": a trained checkpoint's router, skewed toward hot experts (the
+    # calibration's routing_skew); "random": dummy weights route uniformly.
+    router: str = "trained"
+    # GPU kernels one decoder layer launches outside the all-reduces; None:
+    # derived from the layer type (see layer_kernels).
+    kernels_per_layer: int | None = None
 
     # --- parameter counts (per layer unless named otherwise) ---
     @property
@@ -91,6 +107,37 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def layer_gemm_bytes(self) -> list[float]:
+        """Bytes each dense weight GEMM of one layer reads (whole layer, before TP).
+
+        Attention: QKV and O; a dense MLP: gate/up and down. A MoE layer's
+        grouped GEMMs read a batch-dependent set of experts and count as plain
+        kernels here (their reads are the weights term).
+        """
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        a = BYTES_PER_PARAM[self.attention_dtype]
+        out = [self.hidden_size * (q + 2 * kv) * a, q * self.hidden_size * a]
+        if self.dense_intermediate_size and not self.is_moe:
+            e = BYTES_PER_PARAM[self.expert_dtype]
+            out += [2 * self.hidden_size * self.dense_intermediate_size * e,
+                    self.hidden_size * self.dense_intermediate_size * e]
+        return out
+
+    @property
+    def layer_kernels(self) -> int:
+        """Kernels per decoder layer, counted from vLLM's Llama and fused-MoE layers.
+
+        Dense: RMSNorm, QKV GEMM, RoPE, KV-cache write, attention, O GEMM,
+        fused add+RMSNorm, gate/up GEMM, SiLU-mul, down GEMM = 10. A MoE layer
+        swaps the MLP's 3 for router GEMM, top-k softmax, align/sort, two
+        activation quantizations, two grouped GEMMs, activation, permute back and
+        reduce = 9, so 16 with the attention half.
+        """
+        if self.kernels_per_layer is not None:
+            return self.kernels_per_layer
+        return 16 if self.is_moe else 10
 
     @property
     def active_params(self) -> int:
@@ -122,7 +169,12 @@ class Calibration:
     bandwidth_efficiency: float = 0.8        # achieved / spec memory bandwidth, weight and KV streams
     nvfp4_bandwidth_factor: float = 1.0      # extra slowdown of NVFP4 grouped-GEMM reads (kernel quality)
     compute_efficiency: float = 0.5          # achieved / peak tensor FLOPs
-    step_overhead_ms: float = 3.0            # per step: scheduling, launch, sampling, sync
+    step_overhead_ms: float = 1.5            # per step, host side: scheduling, input prep, sampling, sync
+    kernel_graph_us: float = 3.0             # per kernel replayed in a CUDA graph (launch gap + small-kernel floor)
+    kernel_eager_us: float = 6.0             # per kernel launched eagerly (steps over cudagraph_max_tokens)
+    cudagraph_max_tokens: int = 512          # vLLM's largest captured batch (max_cudagraph_capture_size)
+    api_token_us: float = 0.0                # API server CPU per streamed output token (one process)
+    api_request_us: float = 0.0              # API server CPU per request: parse, tokenize, finish
     per_seq_overhead_us: float = 10.0        # per scheduled sequence per step: input prep, output handling
     allreduce_bandwidth_efficiency: float = 1.0   # achieved / profile all-reduce bus bandwidth
     allreduce_latency_factor: float = 1.0         # achieved / profile all-reduce call latency
@@ -166,6 +218,13 @@ def parse_hardware(path: Path) -> HardwareProfile:
         allreduce_bandwidth_gbs=ic.number("allreduce_bandwidth_gbs", minimum=0.0, exclusive_min=True),
     )
     ic.finish()
+    if t.has("network"):
+        net = t.table("network")
+        hw = replace(hw, network=Link(
+            kind=net.string("kind"),
+            latency_us=net.number("latency_us", minimum=0.0),
+            bandwidth_gbs=net.number("bandwidth_gbs", minimum=0.0, exclusive_min=True)))
+        net.finish()
     t.finish()
     return hw
 
@@ -191,6 +250,8 @@ def parse_model(path: Path) -> ModelSpec:
         expert_dtype=_dtype(t, "expert_dtype", "bf16"),
         attention_dtype=_dtype(t, "attention_dtype", "bf16"),
         kv_cache_dtype=_dtype(t, "kv_cache_dtype", "bf16"),
+        router=t.string("router", "trained", choices=("trained", "random")),
+        kernels_per_layer=t.integer("kernels_per_layer", None, minimum=1),
     )
     t.finish()
     if spec.num_experts and not 0 < spec.experts_per_token <= spec.num_experts:
@@ -201,7 +262,8 @@ def parse_model(path: Path) -> ModelSpec:
 
 def parse_calibration(path: Path) -> Calibration:
     t = Table(read_toml(path), path)
-    t.raw("fit_error", {})      # read by fit_errors(); not a constant
+    for table in ("fit_error", "point_error", "tpot_error", "error_estimate"):
+        t.raw(table, {})        # errors written with the fit (fit_errors, error_estimate); not constants
     values: dict[str, Any] = {}
     for f in fields(Calibration):
         if not t.has(f.name):
@@ -245,6 +307,17 @@ def fit_errors(extra: list[Path] | None = None) -> dict[tuple[str, int], float]:
                 if name and c.isdigit() and isinstance(err, (int, float)):
                     out[(name, int(c))] = float(err)
             return out
+    return {}
+
+
+def error_estimate(extra: list[Path] | None = None) -> dict[str, float]:
+    """Metric -> relative error a prediction carries (calibration.toml [error_estimate],
+    measured on cases the fit never saw); empty when no validation has been written."""
+    for folder in catalog_dirs("sim", extra):
+        path = folder / "calibration.toml"
+        if path.is_file():
+            table = read_toml(path).get("error_estimate", {})
+            return {k: float(v) for k, v in table.items() if isinstance(v, (int, float))}
     return {}
 
 
