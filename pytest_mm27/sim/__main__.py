@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit(3) this many seconds after start, before becoming healthy")
     s.add_argument("--fixtures-dir", type=Path, action="append", default=None,
                    help="extra fixtures/ root searched first (repeatable)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching, on by default as in vLLM V1")
 
     p = sub.add_parser("predict", help="predict a topology's curve on a virtual clock")
     p.add_argument("--topology", required=True)
@@ -98,7 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_server_count is not None:
         # Said in the server log, so a reader does not take the figures as modelling it.
         print(f"sim: --api-server-count {args.api_server_count} accepted, not modelled", flush=True)
-    serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
+    serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed,
+          prefix_caching=args.enable_prefix_caching)
     return 0
 
 
