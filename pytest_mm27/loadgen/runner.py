@@ -188,6 +188,10 @@ def run_level(
         prepared=prepare(eps[0], model, workload, api_key),
     )
     deadline = monotonic() + level_timeout_s if level_timeout_s else None
+    if workload.sessions is not None:     # multi-turn chat: its own loop, one process (loadgen.sessions)
+        from .sessions import sessions_level
+        factory = RequestFactory(workload, model, plan.prepared)
+        return run_sync(lambda: sessions_level(eps, factory, concurrency, api_key, deadline))
     if n_workers == 1:
         return run_sync(lambda: _level_in_process(plan, deadline, progress))
     return _level_sharded(plan, n_workers, deadline, progress)
