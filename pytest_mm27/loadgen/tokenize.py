@@ -3,7 +3,11 @@
 No tokenizer library runs on the harness side. Before a level that sends
 text, the harness asks the server once (per endpoint and model, cached in
 this process) which words of a pool are exactly one token where they stand
-(after a space), and which word is one token at the start of a text. A text
+(after a space), and which word is one token at the start of a text. The
+pool is common English words where the vocabulary has them whole; a small
+vocabulary (the tiny test model's 2,048 ids) has few, so the pool is then
+filled up with whole-word tokens read off the vocabulary itself
+(``/detokenize`` of single ids). A text
 of n such words is then n tokens, because byte-level BPE and SentencePiece
 tokenizers split at spaces before merging; each request's text is made
 unique by a short "salt" of pool words spelling its index, so no two
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -39,6 +44,9 @@ CANDIDATES = (
     "open walk win talk turn start end art war car city house name home side head line hand part place case"
 ).split()
 MIN_POOL = 8            # fewer single-token words than this: the tokenizer is too odd to build prompts from
+WANT_POOL = 64          # fewer English words than this: add whole-word tokens from the vocabulary
+PROBE_IDS = range(100, 4100, 5)     # ids whose text is looked at for whole-word tokens
+_WORDLIKE = re.compile(r" [A-Za-z]{2,12}")
 SALT_SPACE = 10 ** 7    # distinct salts wanted (requests with no accidental shared prefix)
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -72,6 +80,23 @@ class ServerTokenizer:
             raise LoadError(f"{self.url}: /tokenize answered without a count: {str(out)[:200]}")
         return out
 
+    def detokenize(self, ids: list[int]) -> str | None:
+        """The text of ``ids``; None when the server refuses them (an id past the vocabulary)."""
+        req = urllib.request.Request(self.url[: -len("/tokenize")] + "/detokenize",
+                                     data=json.dumps({"model": self.model, "tokens": ids}).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
+        self.calls += 1
+        try:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
+                out = json.loads(resp.read())
+        except urllib.error.HTTPError:
+            return None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise LoadError(f"{self.url}: /detokenize failed: {e}") from None
+        prompt = out.get("prompt") if isinstance(out, dict) else None
+        return prompt if isinstance(prompt, str) else None
+
     def count(self, text: str) -> int:
         """Tokens of ``text`` alone (no BOS or other special tokens)."""
         return self._post({"prompt": text, "add_special_tokens": False})["count"]
@@ -85,7 +110,7 @@ class ServerTokenizer:
 class WordPool:
     """Words that are one token each for one served model; builds exact-length texts."""
 
-    first: str                  # one token at the start of a text
+    first: str                  # one token at the start of a text (may start with a space)
     words: tuple[str, ...]      # one token each after a space
     chat_overhead: int | None = None    # tokens the chat template adds to one user message
 
@@ -125,15 +150,14 @@ def word_pool(tok: ServerTokenizer, *, chat: bool, check_lengths: tuple[int, ...
 
 
 def _build_pool(tok: ServerTokenizer, chat: bool) -> WordPool:
-    words = tuple(dict.fromkeys(CANDIDATES))
-    # The common case, one call: every candidate is one token after a space.
-    base = tok.count("the")
-    if tok.count("the " + " ".join(words)) - base != len(words):
-        words = tuple(w for w in words if tok.count("the " + w) - base == 1)
+    words = _single_tokens(tok, tuple(dict.fromkeys(CANDIDATES)))
+    if len(words) < WANT_POOL:
+        words = tuple(dict.fromkeys(words + _single_tokens(tok, _vocabulary_words(tok))))
     if len(words) < MIN_POOL:
-        raise LoadError(f"{tok.url}: only {len(words)} of {len(CANDIDATES)} common English words are one token "
-                        f"each for model {tok.model!r}; exact-length text prompts cannot be built")
-    first = next((w for w in words if tok.count(w) == 1), None)
+        raise LoadError(f"{tok.url}: only {len(words)} whole words are one token each for model {tok.model!r}; "
+                        "exact-length text prompts cannot be built")
+    first = next((w for w in words if tok.count(w) == 1), None) or next(
+        (" " + w for w in words if tok.count(" " + w) == 1), None)
     if first is None:
         raise LoadError(f"{tok.url}: no pool word is one token at the start of a text for model {tok.model!r}")
     overhead = None
@@ -146,6 +170,28 @@ def _build_pool(tok: ServerTokenizer, chat: bool) -> WordPool:
                             f"8 content tokens, {b} around 40) for model {tok.model!r}")
         overhead = a
     return WordPool(first, words, overhead)
+
+
+def _single_tokens(tok: ServerTokenizer, words: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``words`` that are one token each after a space (one call when all are)."""
+    if not words:
+        return ()
+    base = tok.count("the")
+    if tok.count("the " + " ".join(words)) - base == len(words):
+        return words
+    return tuple(w for w in words if tok.count("the " + w) - base == 1)
+
+
+def _vocabulary_words(tok: ServerTokenizer) -> tuple[str, ...]:
+    """Whole-word tokens of the served vocabulary: ids whose text is a space and a short word."""
+    out = []
+    for i in PROBE_IDS:
+        text = tok.detokenize([i])
+        if text is None:
+            break           # past the vocabulary
+        if _WORDLIKE.fullmatch(text):
+            out.append(text[1:])
+    return tuple(dict.fromkeys(out))
 
 
 def _check(tok: ServerTokenizer, pool: WordPool, n: int, chat: bool) -> None:
