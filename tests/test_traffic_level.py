@@ -109,3 +109,14 @@ def test_factory_bodies_carry_per_request_lengths(sim):
     assert json.loads(f.body(3, max_tokens=5))["max_tokens"] == 5    # a steady level's override wins
     m = run_level([sim.url], MODEL, replace(w, min_requests=16), 4)
     assert m.output_tokens == sum(w.output_for(i) for i in range(16))
+
+
+@pytest.mark.parametrize("block", [16, 128])
+def test_prefix_benchmark_expectation_matches_the_simulator(tmp_path, block):
+    from pytest_mm27.benchmarks.prefix_hitrate import SimServer, expected
+    w = make_workload(input_tokens=40, output_tokens=4, min_requests=20,
+                      input_lengths=Lengths("uniform", 40, 0, 16, 64), prefix=PrefixSpec(count=3, tokens=200))
+    with SimServer(tmp_path / "sim.log", "--block-size", str(block)) as sim:
+        rate = run_level([sim.url], "sim", w, 1).prefix_cache_hit_rate
+    assert rate == pytest.approx(expected(w, 20, block))
+    assert sim.proc.poll() is not None
