@@ -142,7 +142,7 @@ def test_dataset_workload_lengths(tmp_path):
     bodies = [json.loads(f.body(i)) for i in range(len(rows) + 1)]
     assert [b["prompt"] for b in bodies[:3]] == [r.prompt for r in rows[:3]]
     assert [b["max_tokens"] for b in bodies[:-1]] == [r.output_tokens for r in rows]
-    assert bodies[-1]["prompt"] == rows[0].prompt          # the dataset cycles
+    assert bodies[-1]["prompt"] == "(1) " + rows[0].prompt   # the dataset cycles, repeats tagged
     fixed = workload(tmp_path, f'output_tokens = 7\n[dataset]\npath = "{DATASETS / "sharegpt-sample.json"}"\n',
                      name="s.toml")
     assert not needs_server(fixed) and {json.loads(RequestFactory(fixed, "m").body(i))["max_tokens"]

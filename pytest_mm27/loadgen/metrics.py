@@ -162,6 +162,8 @@ class LevelMetrics:
         )
         if self.server_tokens_match is not None:
             line += f" server-tokens={'match' if self.server_tokens_match else 'MISMATCH'}"
+        if self.prefix_cache_hit_rate is not None:
+            line += f" prefix-hits={self.prefix_cache_hit_rate:.1%}"
         if self.client_bound:
             line += f" CLIENT-BOUND ({self.client_bound_reason})"
         if self.errors:

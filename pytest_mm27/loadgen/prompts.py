@@ -8,7 +8,8 @@ catalog.traffic, catalog.datasets) builds each body from its parts:
   a shared prefix is the same ids at the start of every request that uses it;
 - chat sends text of an exact token count (``tokenize.WordPool``, measured on
   the server before the level), a shared prefix as the system message;
-- a dataset's prompts are sent as they are, with the row's output length.
+- a dataset's prompts are sent as they are, with the row's output length;
+  once the rows run out they repeat, each repeat tagged ``(N)`` at its start.
 
 What needs the server (the word pool, a ShareGPT reply's token count) is
 found once by :func:`prepare` and travels with the factory to worker processes.
@@ -148,7 +149,11 @@ class RequestFactory:
         w = self.workload
         payload: dict = {"max_tokens": max_tokens or self.max_tokens_for(index), **self._common}
         if w.dataset is not None:
-            prompt = w.dataset.rows[index % len(w.dataset.rows)].prompt
+            rows = w.dataset.rows
+            prompt = rows[index % len(rows)].prompt
+            # Past the end the dataset repeats; a tag makes a repeat no whole-prompt cache hit.
+            if index >= len(rows):
+                prompt = f"({index // len(rows)}) {prompt}"
             if w.api == "chat":
                 payload["messages"] = [{"role": "user", "content": prompt}]
             else:
