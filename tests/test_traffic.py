@@ -75,7 +75,7 @@ def test_bounds_truncate_without_piling_up(tmp_path):
     ('{ dist = "normal", mean = 5, stddev = 1, min = 10, max = 20 }', "field 'input_tokens.mean'"),
     ('{ dist = "normal", mean = 15, min = 10, max = 20 }', "field 'input_tokens.stddev': is required"),
     ('{ dist = "uniform", min = 1, max = 9, mean = 4 }', "field 'input_tokens.mean': unknown key"),
-    ('"long"', "field 'input_tokens': must be a positive integer or a table"),
+    ('"long"', "field 'input_tokens': must be an integer, or a table"),
 ])
 def test_bad_lengths_name_the_field(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:

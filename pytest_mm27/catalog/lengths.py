@@ -104,7 +104,7 @@ def parse_lengths(t: Table, key: str, default: object = None) -> Lengths | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return Lengths.fixed(t.integer(key))
     if not isinstance(value, dict):
-        raise t.error(key, f"must be a positive integer or a table like {{ dist = \"uniform\", min = 64, max = 512 }}, "
+        raise t.error(key, f"must be an integer, or a table like {{ dist = \"uniform\", min = 64, max = 512 }}, "
                            f"got {value!r}")
     d = t.table(key)
     kind = d.string("dist", choices=KINDS)
