@@ -81,10 +81,11 @@ def test_jsonl_dataset_on_completions(sim):
 
 
 def test_sessions_grow_their_history(sim):
-    w = make_workload(api="chat", input_tokens=20, output_tokens=10, min_requests=12,
+    w = make_workload(api="chat", input_tokens=20, output_tokens=10, min_requests=12, warmup_requests=2,
                       sessions=SessionSpec(turns=3, think_time_s=0.05), prefix=PrefixSpec(count=1, tokens=64))
     m = run_level([sim.url], MODEL, w, 2)
     assert m.ok == 12 and m.failed == 0                       # 4 sessions of 3 turns
+    assert m.warmup_requests == 2                             # sent before, not counted
     # Turn t's prompt: system 64 + t earlier (20 user + 10 reply) + its own 20.
     assert m.prompt_tokens == 4 * sum(64 + t * 30 + 20 for t in range(3))
     # Later turns find the history in the cache (prefix, earlier turns and the replies).

@@ -145,6 +145,11 @@ class RequestFactory:
         out.append({"role": "user", "content": pool.text(w.input_for(index), index, w.seed)})
         return out
 
+    def chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> bytes:
+        """A chat request of these messages (a session's turn, its history included)."""
+        payload = {"max_tokens": max_tokens, **self._common, "messages": messages}
+        return json.dumps(payload, separators=(",", ":")).encode()
+
     def shaped_payload(self, index: int, max_tokens: int | None = None) -> dict:
         w = self.workload
         payload: dict = {"max_tokens": max_tokens or self.max_tokens_for(index), **self._common}

@@ -12,7 +12,8 @@ it ends), so it never marks the client as the bottleneck.
 
 Request index ``session * turns + turn`` fixes each user message and its
 lengths. A failed turn ends its session (its history is broken). The level
-sends whole sessions: ``ceil(requests_for(c) / turns)`` of them. Sessions run
+sends whole sessions: ``ceil(requests_for(c) / turns)`` of them, after
+``warmup_requests`` single first turns that are not counted. Sessions run
 in one process (no worker sharding); the think time keeps the send rate low.
 """
 
@@ -24,7 +25,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from .client import LEVEL_TIMEOUT_REASON, Client, LeastOutstanding, LoopResult, monotonic
+from .client import (LEVEL_TIMEOUT_REASON, Client, CountClaimer, LeastOutstanding, LoopResult, closed_loop,
+                     monotonic)
 from .metrics import LevelMetrics, SelfMeasurement, compute_level_metrics, with_prefix_cache
 from .prompts import RequestFactory
 from .samples import RequestRecord
@@ -83,8 +85,7 @@ def session_plan(factory: RequestFactory, concurrency: int) -> SessionPlan:
 
 
 async def run_sessions(client: Client, factory: RequestFactory, concurrency: int, plan: SessionPlan, *,
-                       timeout_s: float, stall_s: float | None, deadline: float | None,
-                       think=asyncio.sleep) -> LoopResult:
+                       timeout_s: float, stall_s: float | None, deadline: float | None) -> LoopResult:
     """Run ``plan.sessions`` sessions, ``concurrency`` at a time."""
     w = factory.workload
     pool = factory.prepared.pool
@@ -105,8 +106,7 @@ async def run_sessions(client: Client, factory: RequestFactory, concurrency: int
             for t in range(plan.turns):
                 idx = s * plan.turns + t
                 history.append({"role": "user", "content": pool.text(w.input_for(idx), idx, w.seed)})
-                body = json.dumps({"max_tokens": factory.max_tokens_for(idx), **factory._common,
-                                   "messages": history}, separators=(",", ":")).encode()
+                body = factory.chat_body(history, factory.max_tokens_for(idx))
                 rec = RequestRecord(index=idx, endpoint=endpoints[ep], worker=0, slot_free=slot_free,
                                     sent=0.0, end=0.0, ramp=ramp and t == 0)
                 inflight[idx] = rec
@@ -120,7 +120,7 @@ async def run_sessions(client: Client, factory: RequestFactory, concurrency: int
                     return rec.end
                 history.append({"role": "assistant", "content": parser.text()})
                 if t + 1 < plan.turns:
-                    await think(plan.think_time_s)
+                    await asyncio.sleep(plan.think_time_s)
                     slot_free = monotonic()     # the next turn is due now, not when the reply came
             return rec.end
         finally:
@@ -166,6 +166,12 @@ async def sessions_level(endpoints: list[str], factory: RequestFactory, concurre
     plan = session_plan(factory, concurrency)
     async with Client(endpoints, api_key, concurrency) as client:
         session = client.session
+        if w.warmup_requests > 0:
+            # Single first turns, not counted; indices past any session's, so no text repeats.
+            await closed_loop(client, factory, min(concurrency, w.warmup_requests),
+                              CountClaimer(w.warmup_requests, base=1 << 40).claim, LeastOutstanding(len(endpoints)),
+                              timeout_s=w.request_timeout_s, stall_s=w.stall_limit_s, deadline=deadline,
+                              measure=False)
         await client.prewarm(concurrency)
         before = await scrape_tokens(session, endpoints)
         prefix_before = await scrape_prefix(session, endpoints)
@@ -179,5 +185,5 @@ async def sessions_level(endpoints: list[str], factory: RequestFactory, concurre
     sm = SelfMeasurement(0, result.cpu_s, result.wall_s, result.loop_lag_ms)
     metrics = compute_level_metrics(sorted(result.records, key=lambda r: r.index), concurrency,
                                     self_measurements=[sm], endpoints=endpoints, server_output_tokens=server,
-                                    timed_out=result.timed_out)
+                                    warmup_requests=w.warmup_requests, timed_out=result.timed_out)
     return with_prefix_cache(metrics, prefix)
