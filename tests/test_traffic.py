@@ -200,3 +200,19 @@ def test_lengths_draw_depends_on_seed_and_index_only():
     assert [d.draw(0, 1, i) for i in range(50)] == [d.draw(0, 1, i) for i in range(50)]
     assert [d.draw(0, 1, i) for i in range(50)] != [d.draw(1, 1, i) for i in range(50)]
     assert 10 <= d.draw(0, 1, 1 << 40) <= 4000
+
+
+def test_a_bad_dataset_stops_the_run_before_anything_boots(no_leftovers):
+    pytester = no_leftovers
+    data = pytester.path / "fixtures" / "datasets" / "chats.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"prompt": "hello", "output_tokens": 8}\n{"prompt": "hi", "output_tokens": "eight"}\n')
+    wl = pytester.path / "fixtures" / "workloads" / "mine.toml"
+    wl.parent.mkdir(parents=True)
+    wl.write_text('measure = "count"\nrequests_per_concurrency = 1\n[dataset]\npath = "datasets/chats.jsonl"\n')
+    pytester.makepyfile(test_it="def test_level(mm27_level):\n    mm27_level.measure()\n")
+    result = pytester.runpytest_subprocess("--topology", "dp2", "--workload", "mine", "--engine", "sim",
+                                           "--results-dir", "results", timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines([f"*{data}: line 2: 'output_tokens' must be a positive integer, got 'eight'*"])
+    assert not list(pytester.path.glob("results/runs/*")), "a run started"
