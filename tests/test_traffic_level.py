@@ -121,3 +121,12 @@ def test_prefix_benchmark_expectation_matches_the_simulator(tmp_path, block):
         rate = run_level([sim.url], "sim", w, 1).prefix_cache_hit_rate
     assert rate == pytest.approx(expected(w, 20, block))
     assert sim.proc.poll() is not None
+
+
+def test_shaped_requests_are_the_same_from_worker_processes(sim):
+    w = make_workload(api="chat", min_requests=16, input_lengths=Lengths("uniform", 30, 0, 10, 50),
+                      output_lengths=Lengths("uniform", 6, 0, 2, 10), prefix=PrefixSpec(count=2, tokens=32))
+    m = run_level([sim.url], MODEL, w, 4, workers=2)
+    assert m.workers == 2 and m.ok == 16
+    assert m.prompt_tokens == sum(32 + w.input_for(i) for i in range(16))
+    assert m.output_tokens == sum(w.output_for(i) for i in range(16))
