@@ -191,6 +191,12 @@ def test_sessions_need_chat_and_count(tmp_path):
     w = workload(tmp_path, 'api = "chat"\ninput_tokens = 5\noutput_tokens = 4\n[sessions]\nturns = 3\n'
                            'think_time_s = 0.25\n')
     assert w.sessions.turns == 3 and w.sessions.think_time_s == 0.25 and w.shaped
+    with pytest.raises(ConfigError, match="field 'duration_s': a level of sessions sends whole sessions"):
+        workload(tmp_path, 'api = "chat"\ninput_tokens = 5\noutput_tokens = 4\nduration_s = 3\n[sessions]\nturns = 2\n')
+    steady = tmp_path / "steady.toml"
+    steady.write_text('api = "chat"\ninput_tokens = 5\noutput_tokens = 4\n[sessions]\nturns = 2\n')
+    with pytest.raises(ConfigError, match="field 'sessions': multi-turn sessions are measured by count"):
+        parse_workload(steady)
     with pytest.raises(ConfigError, match="field 'sessions.turns': must be at least 1"):
         workload(tmp_path, 'api = "chat"\ninput_tokens = 5\noutput_tokens = 4\n[sessions]\nturns = 0\n')
 

@@ -205,6 +205,9 @@ def _check_traffic(w: Workload, t: Table) -> None:
         raise t.error("dataset", "a dataset workload takes its prompts as they are: no [prefix] or [sessions]")
     if w.sessions is not None and w.measure != "count":
         raise t.error("sessions", 'multi-turn sessions are measured by count: set measure = "count"')
+    if w.sessions is not None and w.duration_s is not None:
+        raise t.error("duration_s", "a level of sessions sends whole sessions of requests_for(c) requests; "
+                                    "remove duration_s")
     if w.dataset is not None and w.output_lengths is not None:
         raise t.error("output_tokens", "with a dataset give one fixed output_tokens (or none: the dataset's)")
 
