@@ -12,7 +12,7 @@ from pytest_mm27.catalog.datasets import read_dataset
 from pytest_mm27.catalog.lengths import Lengths
 from pytest_mm27.catalog.traffic import PrefixSpec, SessionSpec
 from pytest_mm27.loadgen import run_level
-from pytest_mm27.loadgen.prompts import RequestFactory, prepare
+from pytest_mm27.loadgen.prompts import Prepared, RequestFactory, prepare
 from pytest_mm27.loadgen.sessions import TextParser
 from pytest_mm27.loadgen.tokenize import ServerTokenizer, word_pool
 from test_loadgen import make_workload
@@ -70,7 +70,8 @@ def test_sharegpt_outputs_come_from_the_replies(sim):
     assert prepared.dataset_outputs == tuple(len(r.reply.split()) for r in ds.rows)
     m = run_level([sim.url], MODEL, w, 4)
     assert m.ok == len(ds.rows) and m.output_tokens == sum(prepared.dataset_outputs)
-    assert m.prompt_tokens == sum(len(r.prompt.split()) for r in ds.rows)
+    # Not the process's first level (prepare() above was): the prompts carry a "(N)" tag, one word.
+    assert m.prompt_tokens == sum(len(r.prompt.split()) + 1 for r in ds.rows)
 
 
 def test_jsonl_dataset_on_completions(sim):
@@ -130,3 +131,27 @@ def test_shaped_requests_are_the_same_from_worker_processes(sim):
     assert m.workers == 2 and m.ok == 16
     assert m.prompt_tokens == sum(32 + w.input_for(i) for i in range(16))
     assert m.output_tokens == sum(w.output_for(i) for i in range(16))
+
+
+def test_a_later_level_does_not_resend_earlier_prompts(sim):
+    plain = make_workload(input_tokens=64, min_requests=8)
+    first = run_level([sim.url], MODEL, plain, 2)
+    again = run_level([sim.url], MODEL, plain, 2)
+    assert first.prefix_cache_hits == again.prefix_cache_hits == 0     # no cached prompts from the level before
+    shared = make_workload(input_tokens=32, min_requests=8, prefix=PrefixSpec(count=1, tokens=128))
+    run_level([sim.url], MODEL, shared, 1)
+    warm = run_level([sim.url], MODEL, shared, 1)
+    # The shared prefix stays warm across levels; each request's own tokens are new.
+    assert warm.prefix_cache_hits == 8 * 128
+
+
+def test_levels_shift_content_not_lengths():
+    w = make_workload(input_lengths=Lengths("uniform", 30, 0, 10, 50), prefix=PrefixSpec(count=2, tokens=16))
+    one, two = RequestFactory(w, MODEL, Prepared(level=0)), RequestFactory(w, MODEL, Prepared(level=1))
+    for i in range(20):
+        a, b = json.loads(one.body(i))["prompt"], json.loads(two.body(i))["prompt"]
+        assert len(a) == len(b) and a[:16] == b[:16] and a[16:] != b[16:]
+    plain = make_workload(input_tokens=40)
+    f0, f1 = RequestFactory(plain, MODEL, Prepared(level=0)), RequestFactory(plain, MODEL, Prepared(level=1))
+    assert f0.body(3) == RequestFactory(plain, MODEL).body(3) != f1.body(3)
+    assert f1.body(3) == f1.body_json(3)

@@ -13,10 +13,19 @@ catalog.traffic, catalog.datasets) builds each body from its parts:
 
 What needs the server (the word pool, a ShareGPT reply's token count) is
 found once by :func:`prepare` and travels with the factory to worker processes.
+
+Each level run in this process (each :func:`prepare`) shifts the request
+content by ``LEVEL_STRIDE``: level 2 of a sweep, or trial 2, must not send
+level 1's prompts again, or the server's prefix cache would serve them and
+the level would measure the cache. Lengths do not shift (every level sees
+the same sample of the distribution), nor do shared prefixes (a system
+prompt stays warm in a real service too). The first level's content is what
+it always was; the same run order gives the same prompts.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -41,12 +50,17 @@ _WORDS = (
 ).split()
 
 
+LEVEL_STRIDE = 1_000_003     # content index shift per level (a prime: rotations differ too)
+_LEVELS = itertools.count()
+
+
 @dataclass(frozen=True)
 class Prepared:
-    """What the server told us before a level (picklable)."""
+    """What the server told us before a level (picklable), and the level's content shift."""
 
     pool: WordPool | None = None                    # chat: exact-length text
     dataset_outputs: tuple[int, ...] | None = None  # output length per dataset row
+    level: int = 0                                  # levels run before this one in this process
 
 
 def needs_server(workload: Workload) -> bool:
@@ -58,19 +72,20 @@ def needs_server(workload: Workload) -> bool:
 
 def prepare(endpoint: str, model: str, workload: Workload, api_key: str | None = None) -> Prepared:
     """Ask ``endpoint``'s /tokenize what the workload's requests need (nothing for most)."""
+    level = next(_LEVELS)
     if not needs_server(workload):
-        return Prepared()
+        return Prepared(level=level)
     tok = ServerTokenizer(endpoint, model, api_key)
     if workload.dataset is not None:
         # ShareGPT: a row's output length is its reply's token count, as in vLLM's benchmark.
         outs = tuple(r.output_tokens if r.output_tokens is not None else max(1, tok.count(r.reply or ""))
                      for r in workload.dataset.rows)
-        return Prepared(dataset_outputs=outs)
+        return Prepared(dataset_outputs=outs, level=level)
     lo, hi = workload.input_tokens, workload.input_tokens
     if workload.input_lengths is not None:
         lo, hi = workload.input_lengths.minimum, workload.input_lengths.maximum
     checks = {lo, hi} | ({workload.prefix.tokens} if workload.prefix else set())
-    return Prepared(pool=word_pool(tok, chat=True, check_lengths=tuple(sorted(checks))))
+    return Prepared(pool=word_pool(tok, chat=True, check_lengths=tuple(sorted(checks))), level=level)
 
 
 class RequestFactory:
@@ -85,7 +100,8 @@ class RequestFactory:
         self.workload = workload
         self.prepared = prepared or Prepared()
         self.shaped = workload.shaped
-        if needs_server(workload) and self.prepared == Prepared():
+        self._shift = self.prepared.level * LEVEL_STRIDE
+        if needs_server(workload) and self.prepared.pool is None and self.prepared.dataset_outputs is None:
             raise LoadError(f"workload {workload.name!r} needs the server's /tokenize first: "
                             "build its factory with prompts.prepare(...)")
         rng = random.Random(workload.seed)
@@ -142,8 +158,14 @@ class RequestFactory:
         out = []
         if w.prefix is not None:
             out.append({"role": "system", "content": self._prefix_text[w.prefix.which(w.seed, index)]})
-        out.append({"role": "user", "content": pool.text(w.input_for(index), index, w.seed)})
+        out.append({"role": "user", "content": self.user_text(index)})
         return out
+
+    def user_text(self, index: int) -> str:
+        """Request ``index``'s own text, exactly ``input_for(index)`` tokens (chat)."""
+        pool = self.prepared.pool
+        assert pool is not None
+        return pool.text(self.workload.input_for(index), index + self._shift, self.workload.seed)
 
     def chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> bytes:
         """A chat request of these messages (a session's turn, its history included)."""
@@ -156,9 +178,10 @@ class RequestFactory:
         if w.dataset is not None:
             rows = w.dataset.rows
             prompt = rows[index % len(rows)].prompt
-            # Past the end the dataset repeats; a tag makes a repeat no whole-prompt cache hit.
-            if index >= len(rows):
-                prompt = f"({index // len(rows)}) {prompt}"
+            # Past the end (or in a later level) the dataset repeats; a tag makes a
+            # repeat no whole-prompt cache hit.
+            if index + self._shift >= len(rows):
+                prompt = f"({(index + self._shift) // len(rows)}) {prompt}"
             if w.api == "chat":
                 payload["messages"] = [{"role": "user", "content": prompt}]
             else:
@@ -173,6 +196,7 @@ class RequestFactory:
         return payload
 
     def prompt_ids(self, index: int) -> list[int]:
+        index += self._shift
         base = self._base
         k = index % len(base)
         ids = base[k:] + base[:k]
@@ -180,6 +204,7 @@ class RequestFactory:
         return ids
 
     def prompt_text(self, index: int) -> str:
+        index += self._shift
         base = self._base
         k = index % len(base)
         words = base[k:] + base[:k]
@@ -202,6 +227,7 @@ class RequestFactory:
         if self.workload.api == "chat":
             return head + json.dumps(self.prompt_text(index)).encode() + b"}]}"
         ids = self._ids
+        index += self._shift
         k = index % len(ids)
         first = str(TOKEN_ID_MIN + (index * 7919 + self.workload.seed) % _SPAN)
         return head + ",".join([first, *ids[k + 1:], *ids[:k]]).encode() + b"]}"

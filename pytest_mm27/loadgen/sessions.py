@@ -88,8 +88,6 @@ async def run_sessions(client: Client, factory: RequestFactory, concurrency: int
                        timeout_s: float, stall_s: float | None, deadline: float | None) -> LoopResult:
     """Run ``plan.sessions`` sessions, ``concurrency`` at a time."""
     w = factory.workload
-    pool = factory.prepared.pool
-    assert pool is not None
     path = "/v1/chat/completions"
     endpoints = client.endpoints
     picker = LeastOutstanding(len(endpoints))
@@ -105,7 +103,7 @@ async def run_sessions(client: Client, factory: RequestFactory, concurrency: int
                 history.append({"role": "system", "content": factory.messages(s * plan.turns)[0]["content"]})
             for t in range(plan.turns):
                 idx = s * plan.turns + t
-                history.append({"role": "user", "content": pool.text(w.input_for(idx), idx, w.seed)})
+                history.append({"role": "user", "content": factory.user_text(idx)})
                 body = factory.chat_body(history, factory.max_tokens_for(idx))
                 rec = RequestRecord(index=idx, endpoint=endpoints[ep], worker=0, slot_free=slot_free,
                                     sent=0.0, end=0.0, ramp=ramp and t == 0)
