@@ -222,3 +222,17 @@ def test_a_bad_dataset_stops_the_run_before_anything_boots(no_leftovers):
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
     result.stderr.fnmatch_lines([f"*{data}: line 2: 'output_tokens' must be a positive integer, got 'eight'*"])
     assert not list(pytester.path.glob("results/runs/*")), "a run started"
+
+
+def test_terminal_table_shows_prefix_hits_only_when_there_were_some():
+    from pytest_mm27.report.terminal import record_table
+    from test_terminal_table import RECORD, level
+    cold, warm = level(1, 90.0), level(4, 300.0)
+    for lv, hits in ((cold, 0), (warm, 700)):
+        lv["metrics"].update(prefix_cache_queries=1000, prefix_cache_hits=hits, prefix_cache_hit_rate=hits / 1000)
+    lines = record_table({**RECORD, "levels": [cold, warm]})
+    assert "prefix hits" in lines[1]
+    assert next(ln for ln in lines if ln.split()[:1] == ["4"]).rstrip().endswith("70.0 %  pass")
+    assert next(ln for ln in lines if ln.split()[:1] == ["1"]).rstrip().endswith("0.0 %  pass")
+    warm["metrics"].update(prefix_cache_hits=0, prefix_cache_hit_rate=0.0)
+    assert "prefix hits" not in record_table({**RECORD, "levels": [cold, warm]})[1]
