@@ -87,6 +87,12 @@ class Result:
         return self.metrics.error_rate
 
     @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Prompt tokens found in the servers' prefix cache over those looked up (from /metrics);
+        None where a server does not export the counters."""
+        return self.metrics.prefix_cache_hit_rate
+
+    @property
     def ttft(self) -> Percentiles:
         """Time to first token, ms: ``.p50 .p90 .p99 .mean .min .max .n``."""
         return self.metrics.ttft_ms

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -83,6 +84,9 @@ def sim_factory(tmp_path):
         p.stop()
 
 
+_FIRST = itertools.count(100_000)
+
+
 async def _stream(session, url, prompt_tokens=16, max_tokens=8, chat=False, headers=None):
     """One streaming request; returns (status, parsed chunks, client-side timestamps)."""
     if chat:
@@ -90,7 +94,8 @@ async def _stream(session, url, prompt_tokens=16, max_tokens=8, chat=False, head
                 "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
         path = "/v1/chat/completions"
     else:
-        body = {"model": MODEL, "prompt": list(range(prompt_tokens)), "max_tokens": max_tokens,
+        # A unique first token: no two prompts share a cached prefix (prefix caching is on).
+        body = {"model": MODEL, "prompt": [next(_FIRST)] + list(range(1, prompt_tokens)), "max_tokens": max_tokens,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         path = "/v1/completions"
     t0 = time.monotonic()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .datafile import Table, read_toml
+from .datasets import Dataset, parse_dataset
+from .lengths import Lengths, parse_lengths
+from .traffic import PrefixSpec, SessionSpec, parse_prefix, parse_sessions
 from ..errors import ConfigError
 from .topology import Catalog, load_catalog_files
 
@@ -55,6 +58,14 @@ class Workload:
     max_window_s: float = DEFAULT_MAX_WINDOW_S
     precision: float = DEFAULT_PRECISION
     warmup_s: float = 0.0       # steady: warm up at least this long (beyond one request time)
+    # Traffic shape (catalog.lengths, catalog.traffic, catalog.datasets). None: the
+    # fixed input_tokens/output_tokens above, fresh prompts, single requests.
+    # With a distribution, input_tokens/output_tokens hold its nominal (mean) value.
+    input_lengths: Lengths | None = None
+    output_lengths: Lengths | None = None
+    prefix: PrefixSpec | None = None
+    dataset: Dataset | None = None
+    sessions: SessionSpec | None = None
 
     @property
     def steady(self) -> bool:
@@ -84,11 +95,35 @@ class Workload:
             raise ConfigError(f"unknown workload field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})",
                               source=str(self.source), field=unknown[0])
         suffix = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+        # A fixed length given for a level replaces the workload's distribution.
+        for fixed, dist in (("input_tokens", "input_lengths"), ("output_tokens", "output_lengths")):
+            if fixed in changes and dist not in changes:
+                changes = {**changes, dist: None}
         return replace(self, name=f"{self.name}[{suffix}]", **changes)
 
+    def input_for(self, index: int) -> int:
+        """Fresh prompt tokens of request ``index`` (a shared prefix comes on top)."""
+        d = self.input_lengths
+        return self.input_tokens if d is None else d.draw(self.seed, 1, index)
+
+    def output_for(self, index: int) -> int:
+        d = self.output_lengths
+        return self.output_tokens if d is None else d.draw(self.seed, 2, index)
+
+    @property
+    def shaped(self) -> bool:
+        """Anything beyond one fixed shape of fresh single requests."""
+        return any(x is not None for x in (self.input_lengths, self.output_lengths, self.prefix,
+                                           self.dataset, self.sessions))
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["source"] = str(self.source)
+        for key in ("input_lengths", "output_lengths", "prefix", "sessions"):
+            if data[key] is not None:
+                data[key] = data[key].to_dict()
+        if self.dataset is not None:
+            data["dataset"] = self.dataset.summary()
         return data
 
 
@@ -103,12 +138,21 @@ def parse_workload(path: Path) -> Workload:
             raise t.error(key, f'applies to measure = "{other}"; this workload has measure = "{measure}"'
                           + ("" if t.has("measure") else " (it sets a key of the other mode)"))
     steady = measure == "steady"
+    dataset = parse_dataset(t, path)
+    inputs = parse_lengths(t, "input_tokens", _DATASET if dataset else None)
+    outputs = parse_lengths(t, "output_tokens", _DATASET if dataset else None)
+    if dataset is not None and inputs is not _DATASET:
+        raise t.error("input_tokens", "a dataset workload takes its prompts from the dataset; remove input_tokens")
+    inputs = None if inputs is _DATASET else inputs
+    outputs = None if outputs is _DATASET else outputs
+    if dataset is not None and outputs is not None and outputs.is_fixed:
+        dataset = dataset.with_output_tokens(outputs.minimum)     # the workload's length wins
     workload = Workload(
         name=t.string("name", path.stem),
         description=t.string("description", ""),
         source=path,
-        input_tokens=t.integer("input_tokens"),
-        output_tokens=t.integer("output_tokens"),
+        input_tokens=inputs.nominal if inputs else _dataset_mean(dataset, "input"),
+        output_tokens=outputs.nominal if outputs else _dataset_mean(dataset, "output"),
         ignore_eos=t.boolean("ignore_eos", True),
         requests_per_concurrency=t.number("requests_per_concurrency", 2.0, minimum=0.0, exclusive_min=True),
         min_requests=t.integer("min_requests", 4),
@@ -125,12 +169,47 @@ def parse_workload(path: Path) -> Workload:
         max_window_s=t.number("max_window_s", DEFAULT_MAX_WINDOW_S, minimum=0.0, exclusive_min=True),
         precision=t.number("precision", DEFAULT_PRECISION, minimum=0.0, maximum=1.0, exclusive_min=True),
         warmup_s=t.number("warmup_s", 0.0, minimum=0.0),
+        input_lengths=inputs if inputs and not inputs.is_fixed else None,
+        output_lengths=outputs if outputs and not outputs.is_fixed else None,
+        prefix=parse_prefix(t),
+        dataset=dataset,
+        sessions=parse_sessions(t),
     )
     t.finish()
+    _check_traffic(workload, t)
     if workload.min_window_s > workload.max_window_s:
         raise ConfigError(f"min_window_s {workload.min_window_s:g} is above max_window_s {workload.max_window_s:g}",
                           source=str(path), field="min_window_s")
     return workload
+
+
+_DATASET = Lengths.fixed(1)     # marker: the length comes from the dataset
+
+
+def _dataset_mean(dataset: Dataset | None, which: str) -> int:
+    """A dataset's nominal length: mean words per prompt (or reply, or given output_tokens).
+    Only an estimate for single-number consumers; the server's usage gives the true counts."""
+    assert dataset is not None
+    rows = dataset.rows
+    if which == "input":
+        values = [len(r.prompt.split()) for r in rows]
+    else:
+        values = [r.output_tokens if r.output_tokens is not None else len((r.reply or "").split()) for r in rows]
+    return max(1, round(sum(values) / len(values)))
+
+
+def _check_traffic(w: Workload, t: Table) -> None:
+    if w.sessions is not None and w.api != "chat":
+        raise t.error("sessions", 'multi-turn sessions need api = "chat"')
+    if w.dataset is not None and (w.prefix is not None or w.sessions is not None):
+        raise t.error("dataset", "a dataset workload takes its prompts as they are: no [prefix] or [sessions]")
+    if w.sessions is not None and w.measure != "count":
+        raise t.error("sessions", 'multi-turn sessions are measured by count: set measure = "count"')
+    if w.sessions is not None and w.duration_s is not None:
+        raise t.error("duration_s", "a level of sessions sends whole sessions of requests_for(c) requests; "
+                                    "remove duration_s")
+    if w.dataset is not None and w.output_lengths is not None:
+        raise t.error("output_tokens", "with a dataset give one fixed output_tokens (or none: the dataset's)")
 
 
 def load_workloads(dirs: Sequence[Path]) -> Catalog:

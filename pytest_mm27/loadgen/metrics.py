@@ -106,6 +106,11 @@ class LevelMetrics:
     server_tokens_match: bool | None = None
     warmup_requests: int = 0
     timed_out: bool = False             # the level timeout cut the window short
+    # prefix caching over the level (vllm:prefix_cache_queries/_hits, prompt tokens, all
+    # endpoints); None where a server does not export them
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
+    prefix_cache_hit_rate: float | None = None
     # steady levels (measure = "steady"): the window and how well its throughput is known
     measure: str = "count"
     precision: float | None = None      # relative half-width of the 95 % interval of output tok/s
@@ -157,11 +162,22 @@ class LevelMetrics:
         )
         if self.server_tokens_match is not None:
             line += f" server-tokens={'match' if self.server_tokens_match else 'MISMATCH'}"
+        if self.prefix_cache_hit_rate is not None:
+            line += f" prefix-hits={self.prefix_cache_hit_rate:.1%}"
         if self.client_bound:
             line += f" CLIENT-BOUND ({self.client_bound_reason})"
         if self.errors:
             line += " errors=" + "; ".join(f"{n}x {r}" for r, n in self.errors.items())
         return line
+
+
+def with_prefix_cache(metrics: LevelMetrics, counted: tuple[int, int] | None) -> LevelMetrics:
+    """``metrics`` with the level's prefix-cache (queries, hits) and their ratio filled in."""
+    if counted is not None:
+        q, h = counted
+        metrics.prefix_cache_queries, metrics.prefix_cache_hits = q, h
+        metrics.prefix_cache_hit_rate = h / q if q > 0 else None
+    return metrics
 
 
 def judge_client_bound(

@@ -60,10 +60,10 @@ from .client import (
     monotonic,
     run_sync,
 )
-from .metrics import LevelMetrics, SelfMeasurement, SteadyWindow, compute_level_metrics
+from .metrics import LevelMetrics, SelfMeasurement, SteadyWindow, compute_level_metrics, with_prefix_cache
 from .samples import RequestRecord
-from .prompts import RequestFactory
-from .scrape import scrape_tokens, server_delta
+from .prompts import Prepared, RequestFactory, prepare
+from .scrape import prefix_delta, scrape_prefix, scrape_tokens, server_delta
 from .steady import CHECK_INTERVAL_S, TIMED_OUT, SteadySlots, WindowClock, WindowRule
 
 AUTO_WORKERS_FROM = 256
@@ -116,6 +116,7 @@ class _Plan:
     total: int | None          # requests to send (None: duration or steady mode)
     duration_s: float | None
     rule: WindowRule | None    # steady mode: when the window ends
+    prepared: Prepared | None = None    # what the prompts needed from the server (prompts.prepare)
 
 
 # For the Ray load workers (ray_workers), which share these shares and steps.
@@ -188,8 +189,13 @@ def run_level(
         total=None if workload.duration_s or steady else workload.requests_for(concurrency),
         duration_s=None if steady else workload.duration_s,
         rule=window_rule(workload, precision, max_window_s) if steady else None,
+        prepared=prepare(eps[0], model, workload, api_key),
     )
     deadline = monotonic() + level_timeout_s if level_timeout_s else None
+    if workload.sessions is not None:     # multi-turn chat: its own loop, one process (loadgen.sessions)
+        from .sessions import sessions_level
+        factory = RequestFactory(workload, model, plan.prepared)
+        return run_sync(lambda: sessions_level(eps, factory, concurrency, api_key, deadline))
     if n_workers == 1:
         return run_sync(lambda: _level_in_process(plan, deadline, progress))
     return _level_sharded(plan, n_workers, deadline, progress)
@@ -242,7 +248,7 @@ async def _report(tally: Tally, total: int | None, progress: Progress) -> None:
 
 
 async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progress | None = None) -> LevelMetrics:
-    factory = RequestFactory(plan.workload, plan.model)
+    factory = RequestFactory(plan.workload, plan.model, plan.prepared)
     state = clock = None
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
         session = client.session
@@ -250,6 +256,7 @@ async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progr
             await _warmup(client, plan, factory, deadline)
         await client.prewarm(plan.concurrency)
         before = await scrape_tokens(session, plan.endpoints)
+        prefix_before = await scrape_prefix(session, plan.endpoints)
         epoch = time.time()
         start = monotonic()
         watch = None
@@ -275,6 +282,7 @@ async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progr
         loop_end = monotonic()
         expect = sum(r.output_tokens for r in result.records if r.ok)
         server = await server_delta(session, plan.endpoints, before, expect)
+        prefix = prefix_delta(prefix_before, await scrape_prefix(session, plan.endpoints))
     records = result.records
     shift = clock_offset() - epoch
     shift_records(records, shift)  # same timeline as sharded runs
@@ -282,11 +290,11 @@ async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progr
     window = None
     if clock is not None:
         window = _window(clock, start, loop_end, result.timed_out, shift, epoch)
-    return compute_level_metrics(
+    return with_prefix_cache(compute_level_metrics(
         sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=[sm],
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
         server_output_tokens=server, timed_out=result.timed_out, window=window,
-    )
+    ), prefix)
 
 
 def _window(clock: WindowClock, start: float, end: float, timed_out: bool, shift: float,
@@ -326,7 +334,7 @@ def _worker_main(plan: _Plan, worker: int, slots: int, n_requests: int | None, b
 
 async def _worker_async(plan: _Plan, worker: int, slots: int, n_requests: int | None, base: int, first_slot: int,
                         conn):
-    factory = RequestFactory(plan.workload, plan.model)
+    factory = RequestFactory(plan.workload, plan.model, plan.prepared)
     async with Client(plan.endpoints, plan.api_key, slots) as client:
         await client.prewarm(slots)
         conn.send_bytes(b"ready")
@@ -439,12 +447,13 @@ def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None,
 
 async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
                          progress: Progress | None = None) -> LevelMetrics:
-    factory = RequestFactory(plan.workload, plan.model)
+    factory = RequestFactory(plan.workload, plan.model, plan.prepared)
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
         session = client.session
         if plan.rule is None:
             await _warmup(client, plan, factory, deadline)
         before = await scrape_tokens(session, plan.endpoints)
+        prefix_before = await scrape_prefix(session, plan.endpoints)
         offset = clock_offset()
         deadline_wall = deadline + offset if deadline is not None else None
         epoch = time.time()
@@ -471,6 +480,7 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
             timed_out |= w_timed_out
         expect = sum(r.output_tokens for r in records if r.ok)
         server = await server_delta(session, plan.endpoints, before, expect)
+        prefix = prefix_delta(prefix_before, await scrape_prefix(session, plan.endpoints))
     if lost:
         # A dead worker's requests are failures we cannot describe better.
         t = max((r.end for r in records), default=0.0)
@@ -478,11 +488,11 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
             for k in range(req_share[i] or max(1, plan.concurrency // len(conns))):
                 records.append(RequestRecord(bases[i] + k, plan.endpoints[0], i, t, t, t, error=why))
     window = _window(clock, epoch, end_wall, timed_out, -epoch, epoch) if clock is not None else None
-    return compute_level_metrics(
+    return with_prefix_cache(compute_level_metrics(
         sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=sms,
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
         server_output_tokens=server, timed_out=timed_out, window=window,
-    )
+    ), prefix)
 
 
 class _SummedProgress:

@@ -44,6 +44,12 @@ def verdict_label(level: LevelResult | Mapping[str, Any], empty: str = "-") -> s
 
 COLUMNS = ("conc", "output tok/s", "stream tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "errors", "floor", "verdict")
 GPU_COLUMNS = ("power W", "J/tok")
+PREFIX_COLUMNS = ("prefix hits",)
+
+
+def _has_prefix_hits(levels: Sequence[LevelResult]) -> bool:
+    # Shown only when the servers found shared prefixes: a fixed-shape workload's 0 % says nothing.
+    return any(lv.metrics is not None and (lv.metrics.prefix_cache_hits or 0) > 0 for lv in levels)
 
 
 def _has_gpu(levels: Sequence[LevelResult]) -> bool:
@@ -54,6 +60,7 @@ def level_rows(levels: Sequence[LevelResult | Mapping[str, Any]]) -> list[tuple[
     levels = [as_level(lv) for lv in levels]
     peak = max((lv.metrics.output_tok_s or 0.0 for lv in levels if lv.metrics), default=None)
     gpu = _has_gpu(levels)
+    prefix = _has_prefix_hits(levels)
     rows = []
     for lv in levels:
         m = lv.metrics
@@ -71,6 +78,9 @@ def level_rows(levels: Sequence[LevelResult | Mapping[str, Any]]) -> list[tuple[
         if gpu:
             telemetry = (m.gpu if m else None) or {}
             row += (fmt_number(telemetry.get("power_w_mean")), fmt_number(telemetry.get("j_per_output_token"), ".3f"))
+        if prefix:
+            rate = m.prefix_cache_hit_rate if m else None
+            row += (fmt_number(100 * rate if rate is not None else None, ".1f", " %"),)
         rows.append((*row, verdict_label(lv)))
     return rows
 
@@ -107,6 +117,8 @@ def record_table(record: RunRecord | Mapping[str, Any]) -> list[str]:
     record = as_record(record)
     lines = [record_title(record)]
     columns = (*COLUMNS[:-1], *GPU_COLUMNS, COLUMNS[-1]) if _has_gpu(record.levels) else COLUMNS
+    if _has_prefix_hits([as_level(lv) for lv in record.levels]):
+        columns = (*columns[:-1], *PREFIX_COLUMNS, columns[-1])
     columns, rows = _with_cases(columns, level_rows(record.levels), record.levels)
     lines += ["  " + ln for ln in render_table(columns, rows)]
     if record.levels:

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit(3) this many seconds after start, before becoming healthy")
     s.add_argument("--fixtures-dir", type=Path, action="append", default=None,
                    help="extra fixtures/ root searched first (repeatable)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching, on by default as in vLLM V1")
+    s.add_argument("--block-size", type=parse_positive_int, default=None,
+                   help="KV-cache block in tokens, as vLLM's flag (default: the calibration's, 16); "
+                        "prefix-cache hits come in whole blocks")
 
     p = sub.add_parser("predict", help="predict a topology's curve on a virtual clock")
     p.add_argument("--topology", required=True)
@@ -140,6 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup = setup_for(args.hardware, args.model, args.tensor_parallel_size, args.data_parallel_size,
                       args.max_num_seqs, args.gpu_memory_utilization, args.max_model_len,
                       slowdown=args.slowdown, extra_dirs=args.fixtures_dir)
+    if args.block_size is not None:
+        setup = setup.with_(calibration=dataclasses.replace(setup.calibration, block_size=args.block_size))
     faults = Faults(slowdown=args.slowdown, error_rate=args.error_rate, crash_after=args.crash_after,
                     hang_after=args.hang_after, startup_delay=args.startup_delay,
                     malformed_sse_rate=args.malformed_sse_rate, cut_stream_rate=args.cut_stream_rate,
@@ -148,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Said in the server log, so a reader does not take the figures as modelling it.
         print(f"sim: --api-server-count {args.api_server_count} accepted, not modelled by the served "
               "simulator (sim predict models it)", flush=True)
-    serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed)
+    serve(setup, args.served_model_name, args.host, args.port, api_key=args.api_key, faults=faults, seed=args.seed,
+          prefix_caching=args.enable_prefix_caching)
     return 0
 
 

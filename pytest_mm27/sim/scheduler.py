@@ -13,7 +13,9 @@ with the step's end time. It follows vLLM V1's scheduler:
   when a running request needs a block and none is free, the most recently
   admitted request is preempted (recompute: its blocks are freed and it goes
   back to the front of the waiting queue), and no new request is admitted in
-  that step.
+  that step;
+- automatic prefix caching (``prefix``) for requests that carry their token
+  ids: a new request starts from its longest cached run of full blocks.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ from collections import deque
 from typing import Any, Callable
 
 from .perf import PerfModel
+from .prefix import PrefixCache, block_hashes
+from .toytok import TOK_ID
 
 
 class Seq:
     """One request inside an engine."""
 
     __slots__ = ("rid", "prompt_len", "max_tokens", "arrival", "computed", "generated", "blocks",
-                 "first_token_at", "finished_at", "sink", "aborted", "done", "counted_prompt")
+                 "first_token_at", "finished_at", "sink", "aborted", "done", "counted_prompt",
+                 "tokens", "hashes", "cached")
 
-    def __init__(self, rid: int, prompt_len: int, max_tokens: int, arrival: float, sink: Any = None):
+    def __init__(self, rid: int, prompt_len: int, max_tokens: int, arrival: float, sink: Any = None,
+                 tokens: list[int] | None = None):
         self.rid = rid
         self.prompt_len = prompt_len
         self.max_tokens = max_tokens
@@ -44,6 +50,9 @@ class Seq:
         self.aborted = False
         self.done = False
         self.counted_prompt = False
+        self.tokens = tokens        # prompt token ids (prefix caching); None: never cached
+        self.hashes: list[int] = []     # chain hashes of the prompt's full blocks
+        self.cached: list[int] = []     # cached blocks this request holds (a prefix of its blocks)
 
 
 class StepPlan:
@@ -58,7 +67,7 @@ class EngineCore:
     """Waiting queue + running batch + KV-block pool of one data-parallel rank."""
 
     def __init__(self, index: int, perf: PerfModel, kv_tokens: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, block_size: int):
+                 max_num_batched_tokens: int, block_size: int, prefix_caching: bool = True):
         self.index = index
         self.perf = perf
         self.block_size = block_size
@@ -67,6 +76,7 @@ class EngineCore:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Seq] = deque()
+        self.cache = PrefixCache() if prefix_caching else None
         self.running: list[Seq] = []
         self._aborted = 0
         # vLLM's counters, read by /metrics
@@ -79,6 +89,8 @@ class EngineCore:
 
     # --- queue management ---
     def add(self, seq: Seq) -> None:
+        if self.cache is not None and seq.tokens:
+            seq.hashes = block_hashes(seq.tokens, self.block_size)
         self.waiting.append(seq)
 
     def abort(self, seq: Seq) -> None:
@@ -99,15 +111,47 @@ class EngineCore:
     def _drop_aborted(self) -> None:
         for s in self.running:
             if s.aborted:
-                self.free_blocks += s.blocks
-                s.blocks = 0
+                self._free(s)
         self.running = [s for s in self.running if not s.aborted]
         self.waiting = deque(s for s in self.waiting if not s.aborted)
         self._aborted = 0
 
-    def _preempt(self, seq: Seq) -> None:
-        self.free_blocks += seq.blocks
+    def _free(self, seq: Seq) -> None:
+        """Give back a request's blocks: its own ones, and its use of cached ones."""
+        self.free_blocks += seq.blocks - len(seq.cached)
+        if seq.cached:
+            self.free_blocks += self.cache.release(seq.cached)  # type: ignore[union-attr]
+            seq.cached = []
         seq.blocks = 0
+
+    def _alloc(self, n: int) -> None:
+        # Idle cached blocks count as free; take their room only when no other is left.
+        cache = self.cache
+        if cache is not None and n > self.free_blocks - len(cache.idle):
+            cache.evict(n - (self.free_blocks - len(cache.idle)))
+        self.free_blocks -= n
+
+    def _register(self, s: Seq, upto: int) -> None:
+        """Cache ``s``'s computed full prompt blocks up to block ``upto`` (held by ``s``)."""
+        cache = self.cache
+        for h in s.hashes[len(s.cached):upto]:
+            if not cache.add(h, in_use=True):  # type: ignore[union-attr]
+                break       # computed twice at once; the other copy is the cached one
+            s.cached.append(h)
+
+    def _finished(self, s: Seq) -> None:
+        self._free(s)
+        cache = self.cache
+        if cache is None or not s.tokens or not all(h in cache.refs for h in s.hashes):
+            return      # no chain to extend (a prompt block was evicted meanwhile)
+        # The reply's blocks stay cached too (a chat's next turn starts with them);
+        # the last sampled token has no KV yet.
+        full = s.tokens + [TOK_ID] * (s.generated - 1)
+        for h in block_hashes(full, self.block_size, len(s.hashes), s.hashes[-1] if s.hashes else 0):
+            cache.add(h, in_use=False)
+
+    def _preempt(self, seq: Seq) -> None:
+        self._free(seq)
         seq.computed = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
@@ -138,7 +182,7 @@ class EngineCore:
                 preempted += 1
             if victim is s:
                 break       # s was the newest left: nothing more fits this step
-            self.free_blocks -= need
+            self._alloc(need)
             s.blocks += need
             seqs.append(s)
             counts.append(n)
@@ -147,20 +191,35 @@ class EngineCore:
         # Then new requests, unless this step had to preempt.
         if not preempted:
             waiting = self.waiting
+            cache = self.cache
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 s = waiting[0]
-                n = s.prompt_len + s.generated - s.computed
+                hit = idle = 0
+                lookup = cache is not None and s.computed == 0 and s.tokens is not None
+                if lookup and s.hashes:
+                    hit, idle = cache.match(s.hashes, (s.prompt_len - 1) // bs)
+                start = hit * bs if hit else s.computed
+                n = s.prompt_len + s.generated - start
                 if n > budget:
                     n = budget
-                need = -(-(s.computed + n) // bs) - s.blocks
-                if need > self.free_blocks:
+                need = -(-(start + n) // bs) - (hit or s.blocks)
+                if need + idle > self.free_blocks:
                     break
                 waiting.popleft()
+                if lookup:
+                    cache.queries += s.prompt_len
+                    cache.hits += hit * bs
+                if hit:
+                    cache.acquire(s.hashes[:hit])
+                    self.free_blocks -= idle
+                    s.cached = list(s.hashes[:hit])
+                    s.computed = start
+                    s.blocks = hit
                 if not s.counted_prompt:
                     s.counted_prompt = True
                     self.prompt_tokens += s.prompt_len
                 running.append(s)
-                self.free_blocks -= need
+                self._alloc(need)
                 s.blocks += need
                 seqs.append(s)
                 counts.append(n)
@@ -187,6 +246,8 @@ class EngineCore:
             if s.aborted:
                 continue
             s.computed += n
+            if s.hashes and len(s.cached) < len(s.hashes):
+                self._register(s, s.computed // self.block_size)
             if s.computed == s.prompt_len + s.generated:
                 s.generated += 1
                 self.generation_tokens += 1
@@ -198,8 +259,7 @@ class EngineCore:
                 if s.generated >= s.max_tokens:
                     s.done = True
                     s.finished_at = now
-                    self.free_blocks += s.blocks
-                    s.blocks = 0
+                    self._finished(s)
                     self.success += 1
                     finished = True
                     if self.on_finish is not None:

@@ -24,6 +24,7 @@ from aiohttp import web
 from .. import __version__
 from .cluster import SimSetup
 from .scheduler import EngineCore, Seq
+from . import toytok
 
 # Steps that wake up later than this behind their deadline restart the chain
 # from "now" instead of catching up (a stalled process must not burst).
@@ -92,37 +93,43 @@ def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def count_prompt_tokens(body: dict[str, Any], chat: bool) -> int:
-    """Prompt length: token ids counted as given, text as whitespace-separated words."""
+def _message_text(messages: Any) -> str:
+    parts = []
+    for msg in messages or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return " ".join(parts)
+
+
+def prompt_token_ids(body: dict[str, Any], chat: bool) -> list[int]:
+    """The prompt as token ids: ids as given, text through the toy tokenizer (one token a
+    word). Chat has no template tokens: the messages' words in order."""
     if chat:
-        n = 0
-        for msg in body.get("messages") or []:
-            content = msg.get("content") if isinstance(msg, dict) else None
-            if isinstance(content, str):
-                n += len(content.split())
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        n += len(part["text"].split())
-        return max(1, n)
+        return toytok.tokenize(_message_text(body.get("messages"))) or [toytok.FIRST_ID]
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
     if isinstance(prompt, str):
-        return max(1, len(prompt.split()))
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return len(prompt)
-    if isinstance(prompt, list) and len(prompt) == 1:
-        return count_prompt_tokens({"prompt": prompt[0]}, chat=False)
+        return toytok.tokenize(prompt) or [toytok.FIRST_ID]
     raise ValueError("prompt must be a string or a list of token ids (batched prompts are not simulated)")
 
 
 class SimServer:
     def __init__(self, setup: SimSetup, served_model_name: str, *, api_key: str | None = None,
-                 faults: Faults | None = None, seed: int = 0):
+                 faults: Faults | None = None, seed: int = 0, prefix_caching: bool = True):
         self.setup = setup
         self.model_name = served_model_name
         self.api_key = api_key
         self.faults = faults or Faults()
         self.engines: list[EngineCore] = setup.build_engines()
+        if not prefix_caching:      # --no-enable-prefix-caching
+            for e in self.engines:
+                e.cache = None
         self._rng = random.Random(seed)
         self._requests = 0
         self._wake: list[asyncio.Event] = []
@@ -151,6 +158,8 @@ class SimServer:
         app.router.add_get("/version", self.version)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.on_startup.append(self._start)
@@ -266,6 +275,11 @@ class SimServer:
                [e.prompt_tokens for e in es])
         family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
                [e.generation_tokens for e in es])
+        family("vllm:prefix_cache_queries_total", "counter",
+               "Prefix cache queries, in terms of number of queried tokens.",
+               [e.cache.queries if e.cache else 0 for e in es])
+        family("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+               [e.cache.hits if e.cache else 0 for e in es])
         lines.append("# HELP vllm:request_success_total Count of successfully processed requests.")
         lines.append("# TYPE vllm:request_success_total counter")
         for lab, e in zip(self._labels, es):
@@ -278,6 +292,48 @@ class SimServer:
             for lab, h in zip(self._labels, hists):
                 lines.extend(h.render(name, lab))
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        denied = self._check_auth(request)
+        if denied:
+            return denied
+        try:
+            body = await request.json()
+        except (ValueError, json.JSONDecodeError) as exc:
+            return _error(400, f"invalid JSON: {exc}", "BadRequestError")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object", "BadRequestError")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        return body
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/tokenize``: ``prompt`` (a string) or chat ``messages``."""
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        if "messages" in body:
+            if not isinstance(body["messages"], list):
+                return _error(400, "messages must be a list", "BadRequestError")
+            ids = toytok.tokenize(_message_text(body["messages"]))
+        elif isinstance(body.get("prompt"), str):
+            ids = toytok.tokenize(body["prompt"])
+        else:
+            return _error(400, "give prompt (a string) or messages", "BadRequestError")
+        strs = [toytok.detokenize([i]) for i in ids] if body.get("return_token_strs") else None
+        return web.json_response({"count": len(ids), "max_model_len": self.setup.max_model_len, "tokens": ids,
+                                  "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in ids):
+            return _error(400, "tokens must be a list of non-negative integers", "BadRequestError")
+        return web.json_response({"prompt": toytok.detokenize(ids)})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -303,7 +359,8 @@ class SimServer:
             body = await request.json()
             if not isinstance(body, dict):
                 raise ValueError("request body must be a JSON object")
-            prompt_len = count_prompt_tokens(body, chat)
+            prompt_ids = prompt_token_ids(body, chat)
+            prompt_len = len(prompt_ids)
         except (ValueError, json.JSONDecodeError) as exc:
             return _error(400, str(exc), "BadRequestError")
         model = body.get("model", self.model_name)
@@ -322,7 +379,7 @@ class SimServer:
                                f"or completion.", "BadRequestError")
         loop = asyncio.get_running_loop()
         stream = Stream()
-        seq = Seq(index, prompt_len, max_tokens, loop.time(), sink=stream)
+        seq = Seq(index, prompt_len, max_tokens, loop.time(), sink=stream, tokens=prompt_ids)
         eng = self._pick_engine()
         eng.add(seq)
         self._wake[eng.index].set()
@@ -450,13 +507,14 @@ class SimServer:
 
 
 def serve(setup: SimSetup, served_model_name: str, host: str, port: int, *, api_key: str | None,
-          faults: Faults, seed: int) -> None:
+          faults: Faults, seed: int, prefix_caching: bool = True) -> None:
     try:
         import uvloop  # type: ignore[import-not-found]
         uvloop.install()
     except ImportError:
         pass
-    server = SimServer(setup, served_model_name, api_key=api_key, faults=faults, seed=seed)
+    server = SimServer(setup, served_model_name, api_key=api_key, faults=faults, seed=seed,
+                       prefix_caching=prefix_caching)
     fit = setup.memory()
     print(f"sim: {served_model_name} ({setup.model.name}) on {setup.hardware.name}, TP={setup.tp} DP={setup.dp}, "
           f"max_num_seqs={setup.max_num_seqs}, max_model_len={setup.max_model_len}; {fit.reason}", flush=True)
