@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .arrivals import CLOSED, LEVEL_FIELDS, Arrival, parse_arrival
 from .datafile import Table, read_toml
 from ..errors import ConfigError
+from .slo import SloSpec, parse_slo
 from .topology import Catalog, load_catalog_files
 
 Api = Literal["completions", "chat"]
@@ -55,6 +57,9 @@ class Workload:
     max_window_s: float = DEFAULT_MAX_WINDOW_S
     precision: float = DEFAULT_PRECISION
     warmup_s: float = 0.0       # steady: warm up at least this long (beyond one request time)
+    arrival: Arrival = CLOSED   # closed loop, or an open-loop schedule (catalog.arrivals)
+    slo: SloSpec | None = None  # per-request ceilings for goodput (catalog.slo)
+    stream: bool = True         # False: plain JSON responses (TTFT = E2EL then)
 
     @property
     def steady(self) -> bool:
@@ -78,24 +83,31 @@ class Workload:
         ``chat`` with ``output_tokens=512`` is ``chat[output_tokens=512]``."""
         if not changes:
             return self
-        known = {f.name for f in fields(self)} - {"name", "source", "description"}
+        known = ({f.name for f in fields(self)} - {"name", "source", "description", "arrival"}) | set(LEVEL_FIELDS)
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ConfigError(f"unknown workload field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})",
                               source=str(self.source), field=unknown[0])
-        suffix = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+        suffix = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items()))
+        level = {k: changes.pop(k) for k in LEVEL_FIELDS if k in changes}
+        if level:
+            changes["arrival"] = self.arrival.level(str(self.source), **level)
         return replace(self, name=f"{self.name}[{suffix}]", **changes)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["source"] = str(self.source)
+        data["arrival"] = self.arrival.to_dict()
+        data["slo"] = self.slo.to_dict() if self.slo else None
         return data
 
 
 def parse_workload(path: Path) -> Workload:
     t = Table(read_toml(path), path)
+    arrival = parse_arrival(t.table("arrival"), path.parent) if t.has("arrival") else CLOSED
     # A file that counts requests keeps doing so; anything else measures a steady window.
-    counting = any(t.has(key) for key in (*_COUNT_ONLY, "duration_s"))
+    # An open loop counts: its requests come on a schedule, not to hold a window full.
+    counting = arrival.open or any(t.has(key) for key in (*_COUNT_ONLY, "duration_s"))
     measure = t.string("measure", "count" if counting else "steady", choices=("steady", "count"))
     for key in (*_COUNT_ONLY, "duration_s") if measure == "steady" else _STEADY_ONLY:
         if t.has(key):
@@ -103,6 +115,9 @@ def parse_workload(path: Path) -> Workload:
             raise t.error(key, f'applies to measure = "{other}"; this workload has measure = "{measure}"'
                           + ("" if t.has("measure") else " (it sets a key of the other mode)"))
     steady = measure == "steady"
+    if steady and arrival.open:
+        raise t.error("measure", f'an open-loop arrival ({arrival.kind}) measures its scheduled requests; '
+                      'use measure = "count"')
     workload = Workload(
         name=t.string("name", path.stem),
         description=t.string("description", ""),
@@ -125,6 +140,9 @@ def parse_workload(path: Path) -> Workload:
         max_window_s=t.number("max_window_s", DEFAULT_MAX_WINDOW_S, minimum=0.0, exclusive_min=True),
         precision=t.number("precision", DEFAULT_PRECISION, minimum=0.0, maximum=1.0, exclusive_min=True),
         warmup_s=t.number("warmup_s", 0.0, minimum=0.0),
+        arrival=arrival,
+        slo=parse_slo(t.table("slo")) if t.has("slo") else None,
+        stream=t.boolean("stream", True),
     )
     t.finish()
     if workload.min_window_s > workload.max_window_s:

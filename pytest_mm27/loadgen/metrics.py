@@ -122,8 +122,24 @@ class LevelMetrics:
     # for percentiles); None where the sample is too small to say. The gate
     # uses it when single trials give no trial-to-trial scatter.
     noise: dict[str, float | None] = field(default_factory=dict)
+    # open-loop levels (loadgen.arrivals): what was offered and what the client kept of it
+    arrival: str | None = None          # "poisson 20/s", "trace x0.5", ...; None: closed loop
+    offered_rate: float | None = None   # requests/s the schedule asked for
+    send_rate: float | None = None      # requests/s actually sent (first send -> last send)
+    schedule_lag_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))   # due -> sent
+    client_queue_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))   # due -> cap let it go
+    max_in_flight: int | None = None
+    # goodput (loadgen.goodput): requests meeting every SLO of the workload
+    slo_attainment: float | None = None
+    goodput_req_s: float | None = None
+    goodput_tok_s: float | None = None
+    slo_misses: dict[str, int] = field(default_factory=dict)   # per SLO, the requests past it
+    # a rate sweep: this level is past the saturation point (loadgen.goodput.saturation)
+    saturated: bool | None = None
+    saturation_note: str | None = None
 
-    _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms")
+    _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms", "schedule_lag_ms",
+               "client_queue_ms")
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -132,6 +148,7 @@ class LevelMetrics:
         data["errors"] = dict(self.errors)
         data["unmeasured"] = dict(self.unmeasured)
         data["noise"] = dict(self.noise)
+        data["slo_misses"] = dict(self.slo_misses)
         data["endpoints"] = list(self.endpoints)
         data["worker_cpu_util"] = list(self.worker_cpu_util)
         return data
