@@ -45,6 +45,7 @@ from .host.leases import lease_devices
 from .host.servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
 from .host.telemetry import GpuSampler
 from .loadgen import run_level
+from .loadgen.goodput import saturation
 from .progress import Progress, Silent
 from .records.model import (
     ERROR,
@@ -57,6 +58,7 @@ from .records.model import (
     Trial,
     Verdict,
 )
+from .records.samples import write_samples
 from .records.store import RunFile, check_writable_dir, git_commit, new_run_id, now_iso
 from .result import Result
 from .secrets import add_secret
@@ -99,6 +101,7 @@ class Harness:
         self.topologies: list[Topology] = [d.topology for d in self.deployments.values()]
         self._live: LiveDeployment | None = None
         self._files: dict[tuple[str, str], RunFile] = {}
+        self._sweeps: dict[tuple[str, Workload], dict[float, Any]] = {}     # rate levels measured, per sweep
         self._git = git_commit(rootdir)
         self.baselines: dict[tuple[str, str], BaselineMatch] = self._resolve_baselines()
         self._judges: dict[tuple[str, str], Judge | None] = {}
@@ -190,6 +193,22 @@ class Harness:
     def levels_for(self, topology: Topology) -> tuple[int, ...]:
         return self.cfg.concurrency or topology.concurrency_levels
 
+    def cases_for(self, topology: Topology) -> list[tuple[int, float | None]]:
+        """The suite's levels of a topology: (concurrency, None) each, or for a rate sweep
+        (--rate, or the workload's arrival.rates) (the in-flight cap, rate) each."""
+        arrival = self.deployments[topology.name].workload.arrival
+        rates = self.cfg.rates or (arrival.rates if arrival.kind != "trace" else ())
+        if rates:
+            return [(arrival.cap, r) for r in rates]
+        return [(c, None) for c in self.levels_for(topology)]
+
+    @staticmethod
+    def rate_shape(workload: Workload, rate: float | None) -> dict[str, Any]:
+        """The level fields of a rate level: the rate, and Poisson arrivals for a closed-loop workload."""
+        if rate is None:
+            return {}
+        return {"rate": rate} if workload.arrival.open else {"rate": rate, "arrival_kind": "poisson"}
+
     def floors_for(self, topology: Topology) -> FloorTable:
         if topology.hardware not in self._floors:
             self._floors[topology.hardware] = load_floors(self._floor_dirs, topology.hardware)
@@ -198,8 +217,8 @@ class Harness:
     def floor_for(self, topology: Topology, workload: str, concurrency: int) -> Floor | None:
         return self.floors_for(topology).get(topology.name, workload, concurrency)
 
-    def floor_value(self, topology: Topology, concurrency: int) -> float | None:
-        floor = self.floor_for(topology, self.deployments[topology.name].workload.name, concurrency)
+    def floor_value(self, topology: Topology, concurrency: int, workload: str | None = None) -> float | None:
+        floor = self.floor_for(topology, workload or self.deployments[topology.name].workload.name, concurrency)
         return floor.tok_s if floor else None
 
     def ceilings_for(self, topology: Topology, workload: str, concurrency: int) -> tuple[Slo, ...]:
@@ -406,10 +425,12 @@ class Harness:
             file.add_level(level)
             return level
         try:
-            for _ in range(trials or self.cfg.trials):
+            slug = re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"c{concurrency}" + (f"-{case}" if case else ""))
+            for k in range(trials or self.cfg.trials):
                 if live.launcher is not None:
                     live.launcher.check_alive()
-                level.trials.append(self._trial(live, workload, concurrency))
+                level.trials.append(self._trial(live, workload, concurrency,
+                                                file.path.parent / f"{file.path.stem}.samples" / f"{slug}-t{k + 1}"))
                 if level.trials[-1].failed and level.trials[-1].ok == 0:
                     break       # nothing served: more trials would only repeat the failure
             if live.launcher is not None:
@@ -426,6 +447,7 @@ class Harness:
             return level
         finally:
             self.progress.done()
+        self._mark_saturation(deployment, workload, level)
         engine = deployment.choice.engine
         match = self.baseline_for(deployment, workload)
         reference = match.reference if match is not None else None
@@ -437,14 +459,31 @@ class Harness:
         file.add_level(level)
         return level
 
-    def _trial(self, live: LiveDeployment, workload: Workload, concurrency: int) -> Trial:
-        """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile."""
+    def _mark_saturation(self, deployment: Deployment, workload: Workload, level: LevelResult) -> None:
+        """A rate level past the saturation point says so, judged against the highest lower rate
+        measured of the same sweep (same deployment, same workload but for the rate)."""
+        metrics = level.metrics
+        if metrics is None or metrics.offered_rate is None or workload.arrival.kind == "trace":
+            return
+        key = (deployment.name, dataclasses.replace(workload, name="", arrival=dataclasses.replace(
+            workload.arrival, rate=None)))
+        sweep = self._sweeps.setdefault(key, {})
+        below = max((r for r in sweep if r < metrics.offered_rate), default=None)
+        hit, note = saturation(sweep[below] if below is not None else None, metrics)
+        for trial in level.trials:
+            trial.saturated, trial.saturation_note = hit, note
+        sweep[metrics.offered_rate] = metrics
+
+    def _trial(self, live: LiveDeployment, workload: Workload, concurrency: int, samples_base: Path) -> Trial:
+        """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile,
+        its requests written beside the record (``records.samples``)."""
         name = live.deployment.name
         pids = live.launcher.pids if live.launcher is not None else {}
         prefix = live.deployment.topology.env.get("VLLM_PROCESS_NAME_PREFIX", DEFAULT_TITLE_PREFIX)
+        requests: list = []
         with GpuSampler(live.gpus) as sampler, ServerCpuSampler(pids, title_prefix=prefix) as cpu:
             started = time.time()
-            metrics = run_level(live.endpoints, live.model, workload, concurrency,
+            metrics = run_level(live.endpoints, live.model, workload, concurrency, samples=requests,
                                 api_key=self.cfg.api_key, workers=self.cfg.workers,
                                 level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
                                 max_window_s=self.cfg.max_window_s,
@@ -454,6 +493,10 @@ class Harness:
         # Energy over the whole level, warm-up and tail requests included: they ran on the same GPUs.
         trial = Trial.of(metrics, gpu=sampler.summary(metrics.output_tokens
                                                       + int(metrics.unmeasured.get("output_tokens") or 0)))
+        written = write_samples(samples_base, requests, {
+            "deployment": name, "workload": workload.name, "concurrency": concurrency,
+            "trial": int(samples_base.name.rsplit("-t", 1)[-1]), "wall_epoch": metrics.wall_epoch})
+        trial.samples = str(written.relative_to(samples_base.parent.parent))
         if pids:
             start, end = metrics.window_wall or (started, ended)
             shares = cpu.shares(start, end)

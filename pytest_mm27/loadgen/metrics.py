@@ -137,6 +137,7 @@ class LevelMetrics:
     # a rate sweep: this level is past the saturation point (loadgen.goodput.saturation)
     saturated: bool | None = None
     saturation_note: str | None = None
+    wall_epoch: float | None = None     # wall-clock time of the level's timeline zero (its samples' times)
 
     _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms", "schedule_lag_ms",
                "client_queue_ms")

@@ -303,11 +303,13 @@ async def _level_in_process(plan: _Plan, deadline: float | None,
     if clock is not None:
         window = _window(clock, start, loop_end, result.timed_out, shift, epoch)
     records.sort(key=lambda r: r.index)
-    return compute_level_metrics(
+    metrics = compute_level_metrics(
         records, plan.concurrency, self_measurements=[sm],
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
         server_output_tokens=server, timed_out=result.timed_out, window=window,
-    ), records, window
+    )
+    metrics.wall_epoch = epoch
+    return metrics, records, window
 
 
 def _window(clock: WindowClock, start: float, end: float, timed_out: bool, shift: float,
@@ -403,6 +405,7 @@ async def _level_open(plan: _Plan, deadline: float | None, progress: Progress | 
                                     timed_out=result.timed_out)
     sent = sorted(r.sent for r in records if r.sent)
     metrics.arrival, metrics.offered_rate, metrics.max_in_flight = label, offered, result.max_in_flight
+    metrics.wall_epoch = epoch
     metrics.send_rate = (len(sent) - 1) / (sent[-1] - sent[0]) if len(sent) > 1 and sent[-1] > sent[0] else None
     metrics.schedule_lag_ms = Percentiles.of((r.sent - r.scheduled) * 1000.0 for r in records
                                              if r.scheduled is not None and r.sent)
@@ -592,11 +595,13 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
                 records.append(RequestRecord(bases[i] + k, plan.endpoints[0], i, t, t, t, error=why))
     window = _window(clock, epoch, end_wall, timed_out, -epoch, epoch) if clock is not None else None
     records.sort(key=lambda r: r.index)
-    return compute_level_metrics(
+    metrics = compute_level_metrics(
         records, plan.concurrency, self_measurements=sms,
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
         server_output_tokens=server, timed_out=timed_out, window=window,
-    ), records, window
+    )
+    metrics.wall_epoch = epoch
+    return metrics, records, window
 
 
 class _SummedProgress:

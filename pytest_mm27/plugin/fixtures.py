@@ -205,10 +205,13 @@ def mm27_topology(request: pytest.FixtureRequest) -> DeploymentHandle:
 @dataclass(frozen=True)
 class LevelCase:
     topology: Topology
-    concurrency: int
+    concurrency: int            # an open-loop level's in-flight cap
+    rate: float | None = None   # an open-loop level's offered rate, requests/s
 
     @property
     def id(self) -> str:
+        if self.rate is not None:
+            return f"{self.topology.name}-r{self.rate:g}"
         return f"{self.topology.name}-c{self.concurrency}"
 
 
@@ -223,8 +226,10 @@ class Level:
     def __init__(self, harness: Harness, handle: DeploymentHandle, case: LevelCase):
         self.topology = case.topology
         self.concurrency = case.concurrency
-        self.workload = handle.workload
-        self.floor = harness.floor_value(case.topology, case.concurrency)
+        self.rate = case.rate
+        self._shape = harness.rate_shape(handle.workload, case.rate)
+        self.workload = handle.workload.variant(**self._shape)
+        self.floor = harness.floor_value(case.topology, case.concurrency, self.workload.name)
         self._handle = handle
         self.result: Result | None = None
 
@@ -241,7 +246,7 @@ class Level:
         client-bound level (not gated); errors when the server could not be
         booted or died.
         """
-        self.result = self._handle.run(self.concurrency, case=None, check=False)
+        self.result = self._handle.run(self.concurrency, case=None, check=False, **self._shape)
         _judge(self.result)
         return self.result.level.metrics
 

@@ -1,0 +1,103 @@
+"""Rate levels through the plugin on the simulator: ids, records, saturation, samples, floors on goodput."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pytest_mm27.testing import sim_topology
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = (REPO / "suites" / "test_throughput.py").read_text()
+
+SWEEP = textwrap.dedent("""\
+    name = "sweep"
+    input_tokens = 64
+    output_tokens = 32
+    [arrival]
+    kind = "poisson"
+    rates = [2, 400]
+    requests = 24
+    max_concurrency = 32
+    [slo]
+    ttft_ms = 60000
+    """)
+
+
+def setup(pytester: pytest.Pytester, workload: str = SWEEP, floors: str = "") -> None:
+    pytester.makepyfile(test_throughput=SUITE)
+    for folder, name, text in (("topologies", "one.toml", sim_topology("one", "[1]", 1, "replicas")),
+                               ("workloads", "sweep.toml", workload), ("floors", "rtx-pro-6000.toml", floors)):
+        (pytester.path / folder).mkdir(exist_ok=True)
+        (pytester.path / folder / name).write_text(text)
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        "--topology-dir", "topologies", "--workload-dir", "workloads", "--floors-dir", "floors",
+        "--topology", "one", "--workload", "sweep", "--engine", "sim", "--results-dir", "results", "-v", *args, timeout=240)
+
+
+def records(pytester: pytest.Pytester) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(pytester.path.glob("results/runs/*/*.json"))}
+
+
+def test_a_rate_sweep_runs_one_level_per_rate(no_leftovers):
+    pytester = no_leftovers
+    setup(pytester)
+    result = run(pytester)
+    result.stdout.fnmatch_lines(["*test_throughput?one-r2? PASSED*", "*test_throughput?one-r400? *"])
+    recs = records(pytester)
+    assert set(recs) == {"one--sweep_rate=2_", "one--sweep_rate=400_"}, recs.keys()
+    low = recs["one--sweep_rate=2_"]
+    level = low["levels"][0]
+    m = level["metrics"]
+    assert level["concurrency"] == 32 and low["workload"]["arrival"]["rate"] == 2
+    assert m["arrival"] == "poisson 2/s" and m["offered_rate"] == 2 and m["requests"] == 24
+    assert m["slo_attainment"] == 1.0 and m["goodput_req_s"] == pytest.approx(m["request_tok_s"])
+    assert m["saturated"] is False
+    # 400 req/s is far past what one simulated replica serves: achieved falls short, latency climbs
+    high = recs["one--sweep_rate=400_"]["levels"][0]["metrics"]
+    assert high["offered_rate"] == 400 and high["request_tok_s"] < 0.9 * 400
+    if high["ttft_ms"]["p50"] > 1.5 * m["ttft_ms"]["p50"]:
+        assert high["saturated"] is True and "saturated: offered 400 req/s" in high["saturation_note"]
+    # samples beside the record, one file per trial, named by the trial
+    files = list(pytester.path.glob("results/runs/*/one--sweep_rate=2_.samples/c32-t1.jsonl*"))
+    assert len(files) == 1
+    assert files[0].parent.parent / level["trials"][0]["samples"] == files[0]
+
+
+def test_rate_option_turns_a_closed_workload_into_poisson_levels(no_leftovers):
+    pytester = no_leftovers
+    setup(pytester, workload='name = "sweep"\ninput_tokens = 32\noutput_tokens = 8\nrequests_per_concurrency = 2\n')
+    result = run(pytester, "--rate", "3,1.5")
+    result.stdout.fnmatch_lines(["*one-r1.5? PASSED*", "*one-r3? PASSED*"])
+    recs = records(pytester)
+    m = recs["one--sweep_arrival_kind=poisson,rate=3_"]["levels"][0]["metrics"]
+    assert m["arrival"] == "poisson 3/s" and m["requests"] == 60      # 3/s x the default 20 s
+
+
+def test_a_floor_on_goodput_fails_the_level(no_leftovers):
+    pytester = no_leftovers
+    floors = textwrap.dedent("""\
+        [[floor]]
+        topology = "one"
+        workload = "sweep[rate=2]"
+        concurrency = 32
+        metric = "goodput_tok_s"
+        tok_s = 1000000
+        note = "a goodput floor no simulated replica reaches"
+        """)
+    setup(pytester, workload=SWEEP.replace("rates = [2, 400]", "rates = [2]"), floors=floors)
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*goodput tok/s * is below the floor 1,000,000*no simulated replica reaches*"])
+
+
+def test_bad_rate_option_is_a_usage_error(pytester):
+    result = pytester.runpytest_subprocess("--rate", "2,fast")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*request rates must be positive numbers*'fast'*"])
