@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_mm27.loadgen import Percentiles
+from pytest_mm27.records.samples import latency_percentiles, read_samples
 from pytest_mm27.testing import sim_topology
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +70,12 @@ def test_a_rate_sweep_runs_one_level_per_rate(no_leftovers):
     files = list(pytester.path.glob("results/runs/*/one--sweep_rate=2_.samples/c32-t1.jsonl*"))
     assert len(files) == 1
     assert files[0].parent.parent / level["trials"][0]["samples"] == files[0]
+    # through JSON and back, the recorded percentiles come out of the samples bit for bit
+    header, samples = read_samples(files[0])
+    assert header["workload"] == "sweep[rate=2]" and header["wall_epoch"] == m["wall_epoch"]
+    recomputed = latency_percentiles([s.record for s in samples if s.measured])
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        assert recomputed[name] == Percentiles.from_dict(m[name]), name
 
 
 def test_rate_option_turns_a_closed_workload_into_poisson_levels(no_leftovers):
