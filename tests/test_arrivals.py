@@ -208,3 +208,26 @@ def test_trace_replay_sends_each_traced_shape(sim, tmp_path):  # noqa: F811
     by_index = {r.index: r for r, _ in samples}
     assert [by_index[i].output_tokens for i in range(6)] == [3, 4, 5, 6, 7, 8]
     assert [by_index[i].prompt_tokens for i in range(6)] == [16, 32, 48, 64, 80, 96]
+
+
+# --- non-streaming requests (stream = false) ---
+
+@pytest.mark.parametrize("open_loop", [False, True])
+def test_non_streaming_requests_time_the_whole_answer(sim, open_loop):  # noqa: F811
+    arrival = Arrival(kind="constant", rate=20.0, requests=6) if open_loop else Arrival()
+    wl = make_workload(output_tokens=10, stream=False, arrival=arrival)
+    samples: list = []
+    m = run_level([sim.url], MODEL, wl, 3, samples=samples)
+    assert (m.ok, m.failed) == (6 if open_loop else 4, 0) and m.output_tokens == m.ok * 10
+    for r, _ in samples:
+        assert len(r.chunk_times) == 1 and r.ttft == r.e2el and r.tpot is None
+    assert m.tpot_ms.n == 0 and m.ttft_ms == m.e2el_ms
+
+
+def test_stream_false_in_a_workload_file(tmp_path):
+    wl = parse_workload(_workload(tmp_path, "stream = false\n"))
+    assert wl.stream is False
+    from pytest_mm27.loadgen.prompts import RequestFactory
+    body = RequestFactory(wl, "m").body(0)
+    assert b'"stream":false' in body and b"stream_options" not in body
+    assert body == RequestFactory(wl, "m").body_json(0)

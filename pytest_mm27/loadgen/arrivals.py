@@ -98,6 +98,7 @@ async def open_loop(
     deadline: float | None = None,
     watcher: Watcher | None = None,
     spin_s: float = SPIN_S,
+    new_parser: Callable[[], SSEParser] = SSEParser,
 ) -> OpenResult:
     """Send ``dues`` on their schedule, at most ``cap`` in flight. Times are this process's monotonic clock."""
     endpoints = client.endpoints
@@ -121,7 +122,7 @@ async def open_loop(
         ep = picker.acquire()
         try:
             rec.endpoint = endpoints[ep]
-            parser = SSEParser()
+            parser = new_parser()
             rec.sent = monotonic()
             active += 1
             peak = max(peak, active)

@@ -391,7 +391,8 @@ async def _level_open(plan: _Plan, deadline: float | None, progress: Progress | 
         try:
             result = await open_loop(client, factory.path, dues, make_body, cap, LeastOutstanding(len(plan.endpoints)),
                                      default_tokens=workload.output_tokens, timeout_s=workload.request_timeout_s,
-                                     stall_s=workload.stall_limit_s, deadline=deadline, watcher=tally)
+                                     stall_s=workload.stall_limit_s, deadline=deadline, watcher=tally,
+                                     new_parser=factory.parser)
         finally:
             if report is not None:
                 report.cancel()

@@ -109,8 +109,8 @@ class RequestRecord:
 
 
 def tpot(sent: float, chunk_times: Sequence[float], output_tokens: int) -> float | None:
-    """(E2EL - TTFT) / (output_tokens - 1); None when it is undefined (< 2 tokens)."""
-    if output_tokens < 2 or not chunk_times:
+    """(E2EL - TTFT) / (output_tokens - 1); None when it is undefined (< 2 tokens, or one chunk)."""
+    if output_tokens < 2 or len(chunk_times) < 2:   # one chunk (a whole response) times no decoding
         return None
     return (chunk_times[-1] - chunk_times[0]) / (output_tokens - 1)
 
