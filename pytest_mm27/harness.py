@@ -45,10 +45,11 @@ from .host.leases import lease_devices
 from .host.servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
 from .host.telemetry import GpuSampler
 from .loadgen import run_level
-from .loadgen.goodput import saturation
+from .loadgen.goodput import saturation, search_rate
 from .progress import Progress, Silent
 from .records.model import (
     ERROR,
+    FAIL,
     EngineInfo,
     FloorRef,
     HardwareInfo,
@@ -193,14 +194,18 @@ class Harness:
     def levels_for(self, topology: Topology) -> tuple[int, ...]:
         return self.cfg.concurrency or topology.concurrency_levels
 
-    def cases_for(self, topology: Topology) -> list[tuple[int, float | None]]:
-        """The suite's levels of a topology: (concurrency, None) each, or for a rate sweep
-        (--rate, or the workload's arrival.rates) (the in-flight cap, rate) each."""
-        arrival = self.deployments[topology.name].workload.arrival
+    def cases_for(self, topology: Topology) -> list[tuple[int, float | None, bool]]:
+        """The suite's levels of a topology: (concurrency, None, False) each, or for a rate sweep
+        (--rate, or the workload's arrival.rates) (the in-flight cap, rate, False) each; then
+        (cap, None, True) for the rate search of a workload with [slo.search]."""
+        workload = self.deployments[topology.name].workload
+        arrival = workload.arrival
         rates = self.cfg.rates or (arrival.rates if arrival.kind != "trace" else ())
-        if rates:
-            return [(arrival.cap, r) for r in rates]
-        return [(c, None) for c in self.levels_for(topology)]
+        cases: list[tuple[int, float | None, bool]] = (
+            [(arrival.cap, r, False) for r in rates] if rates else [(c, None, False) for c in self.levels_for(topology)])
+        if workload.slo is not None and workload.slo.search is not None and arrival.kind != "trace":
+            cases.append((arrival.cap, None, True))
+        return cases
 
     @staticmethod
     def rate_shape(workload: Workload, rate: float | None) -> dict[str, Any]:
@@ -456,6 +461,59 @@ class Harness:
                            model_error=engine.known_error(topology, concurrency), engine=engine.name,
                            ceilings=self.ceilings_for(topology, workload.name, concurrency))
         level.verdict, level.comparison = gated.verdict, gated.comparison
+        file.add_level(level)
+        return level
+
+    def search_level(self, deployment: Deployment, workload: Workload, *, case: str | None = None) -> LevelResult:
+        """The highest rate whose SLO attainment holds ``[slo.search]``'s target, by bisection.
+
+        Every probe is a rate level of its own (recorded as ``workload[rate=R]``,
+        case ``rate-search``); the search's answer is a level of
+        ``workload[rate-search]`` whose ``max_good_rate`` is that rate (0 when
+        not even ``min_rate`` held), with the best probe's figures, gated by
+        floors (metric = "max_good_rate" or "goodput_tok_s") and the baseline.
+        """
+        search = workload.slo.search if workload.slo else None
+        if search is None:
+            raise ConfigError(f"workload {workload.name} has no [slo.search] table", source=str(workload.source),
+                              field="slo.search")
+        cap = workload.arrival.cap
+        probe_case = f"{case}@rate-search" if case else "rate-search"
+
+        def measure(rate: float) -> Any:
+            probe = workload.variant(**self.rate_shape(workload, rate))
+            level = self.measure_level(deployment, cap, probe, trials=1, case=probe_case)
+            if level.metrics is None or level.verdict.status == ERROR:
+                raise Mm27Error(f"rate search probe at {rate:g} req/s: {level.verdict.message}")
+            return level.metrics
+
+        named = dataclasses.replace(workload, name=f"{workload.name}[rate-search]")
+        file = self.file_for(deployment, named)
+        floor = self.floor_for(deployment.topology, named.name, cap)
+        level = LevelResult(cap, floor=FloorRef(floor.tok_s, floor.metric, floor.note) if floor else None, case=case)
+        try:
+            found = search_rate(measure, search)
+        except Mm27Error as exc:
+            level.verdict = Verdict(ERROR, (str(exc),))
+            file.add_level(level)
+            return level
+        trial = Trial.of(found.best) if found.best is not None else Trial.of(found.last) if found.last else None
+        if trial is None:
+            level.verdict = Verdict(ERROR, ("the rate search measured nothing",))
+            file.add_level(level)
+            return level
+        trial.max_good_rate = found.rate or 0.0
+        trial.rate_search = found.to_dict()
+        level.trials.append(trial)
+        match = self.baseline_for(deployment, named)
+        reference = match.reference if match is not None else None
+        gated = gate_level(level, floor, reference.level(cap, case) if reference else None,
+                           self._judge(deployment, named), max_error_rate=self.cfg.max_error_rate,
+                           ceilings=self.ceilings_for(deployment.topology, named.name, cap))
+        level.verdict, level.comparison = gated.verdict, gated.comparison
+        if found.rate is None:
+            level.verdict = Verdict(FAIL, (f"no rate held {search.attainment:.0%} SLO attainment: {found.stop}",
+                                           *level.verdict.problems), level.verdict.notes)
         file.add_level(level)
         return level
 

@@ -231,3 +231,11 @@ def test_stream_false_in_a_workload_file(tmp_path):
     body = RequestFactory(wl, "m").body(0)
     assert b'"stream":false' in body and b"stream_options" not in body
     assert body == RequestFactory(wl, "m").body_json(0)
+
+
+def test_a_sweep_level_without_a_rate_is_refused_before_it_runs():
+    wl = make_workload(arrival=Arrival(kind="poisson", rates=(2.0, 4.0)))
+    with pytest.raises(ConfigError, match=r"names no rate \(its sweep: 2, 4 req/s\): give rate=R"):
+        wl.arrival.check_level(wl.name, "t.toml")
+    wl.variant(rate=2.0).arrival.check_level(wl.name, "t.toml")
+    Arrival(kind="trace").check_level("x", "t.toml")      # a trace brings its own schedule

@@ -109,3 +109,38 @@ def test_bad_rate_option_is_a_usage_error(pytester):
     result = pytester.runpytest_subprocess("--rate", "2,fast")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*request rates must be positive numbers*'fast'*"])
+
+
+SEARCH = SWEEP.replace("rates = [2, 400]", "rates = [4]").replace("requests = 24", "requests = 16") + textwrap.dedent("""\
+    [slo.search]
+    attainment = 0.9
+    min_rate = 1
+    max_rate = 16
+    tolerance = 0.5
+    max_steps = 4
+    """)
+
+
+def test_the_rate_search_is_a_level_recorded_and_gated(no_leftovers):
+    pytester = no_leftovers
+    floors = textwrap.dedent("""\
+        [[floor]]
+        topology = "one"
+        workload = "sweep[rate-search]"
+        concurrency = 32
+        metric = "max_good_rate"
+        tok_s = 1000
+        note = "no replica holds its SLOs at 1,000 req/s"
+        """)
+    setup(pytester, workload=SEARCH, floors=floors)
+    result = run(pytester)
+    result.stdout.fnmatch_lines(["*test_throughput?one-r4? PASSED*", "*test_throughput?one-rate-search? FAILED*",
+                                 "*max good rate req/s 16.00 is below the floor 1,000.00*"])
+    recs = records(pytester)
+    search = recs["one--sweep_rate-search_"]["levels"][0]
+    m = search["metrics"]
+    # a 60 s TTFT ceiling holds at 16 req/s: the first probe answers it
+    assert m["max_good_rate"] == 16 and m["rate_search"]["probes"] == [{"rate": 16, "attainment": 1.0}]
+    assert m["offered_rate"] == 16 and "max_rate 16 req/s holds" in m["rate_search"]["stop"]
+    probe = recs["one--sweep_rate=16_"]["levels"][0]
+    assert probe["case"] == "rate-search" and probe["metrics"]["slo_attainment"] == 1.0

@@ -57,7 +57,7 @@ def test_saturation_needs_both_a_shortfall_and_climbing_latency():
     assert saturation(base, _level(8, 7.9, 300, 900))[0] is False      # follows the rate: latency alone is not it
     assert saturation(base, _level(8, 5.0, 60, 520))[0] is False       # short, but latency flat (a slow client?)
     hit, note = saturation(base, _level(8, 5.0, 400, 2000))
-    assert hit and "offered 8 req/s" in note and "38% short" in note and "ttft p50 50 -> 400 ms" in note
+    assert hit and "offered 8 req/s, completed 5.00" in note and "38% short" in note and "ttft p50 50 -> 400 ms" in note
     closed = _level(4, 4.0, 50, 500)
     closed.offered_rate = None
     assert saturation(base, closed) == (None, None)
@@ -144,3 +144,26 @@ def test_rate_search_on_the_simulator_finds_a_rate_that_holds(sim):  # noqa: F81
     out = search_rate(measure, RateSearch(attainment=0.9, min_rate=1, max_rate=8, tolerance=0.5, max_steps=3))
     assert out.rate == 8 and out.probes == [(8, 1.0)]
     assert out.best.offered_rate == 8 and out.best.slo_attainment == 1.0
+
+
+def test_goodput_metrics_are_gated_only_where_the_workload_has_slos():
+    from pytest_mm27.gate.compare import Judge
+    from pytest_mm27.gate.specs import parse_tolerances
+    from pytest_mm27.records.model import RunRecord
+    base = RunRecord.from_dict({"schema": "pytest-mm27-run", "levels": [], "workload": {"name": "w", "slo": None}})
+    names = lambda judge: [s.name for s in judge.specs]  # noqa: E731
+    assert "goodput" not in names(Judge.of(base, {"name": "w", "slo": None}))
+    with_slo = names(Judge.of(base, {"name": "w", "slo": {"ttft_ms": 5}}))
+    assert "goodput" in with_slo and "max_good_rate" in with_slo and "throughput" in with_slo
+    assert parse_tolerances("goodput=3%")["goodput"] == pytest.approx(0.03)
+
+
+def test_saturation_judges_the_rate_sent_against_the_rate_completed():
+    base = _level(4, 4.0, 50, 500)
+    # a Poisson draw that sent only 6.5/s of a nominal 8/s, all completed: not saturated
+    drawn = _level(8, 5.0, 400, 2000)
+    drawn.send_rate, drawn.completion_rate = 6.5, 6.4
+    assert saturation(base, drawn)[0] is False
+    drawn.completion_rate = 4.1
+    hit, note = saturation(base, drawn)
+    assert hit and "(sent 6.50/s), completed 4.10 req/s (37% short)" in note

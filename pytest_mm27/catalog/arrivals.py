@@ -86,6 +86,13 @@ class Arrival:
             raise ConfigError(f"max_concurrency must be at least 1, not {self.max_concurrency!r}",
                               source=source, field="arrival.max_concurrency")
 
+    def check_level(self, workload: str, source: str) -> None:
+        """A level about to run: an open-loop rate process needs its rate (a sweep gives one per level)."""
+        if self.kind in OPEN_KINDS and self.rate is None:
+            sweep = f" (its sweep: {', '.join(f'{r:g}' for r in self.rates)} req/s)" if self.rates else ""
+            raise ConfigError(f"workload {workload} arrives open-loop ({self.kind}) and this level names no rate"
+                              f"{sweep}: give rate=R, or set arrival.rate", source=source, field="arrival.rate")
+
     def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "rate": self.rate, "rates": list(self.rates), "burstiness": self.burstiness,
                 "ramp_up_s": self.ramp_up_s, "max_concurrency": self.max_concurrency, "requests": self.requests,

@@ -28,6 +28,8 @@ FLOOR_METRICS = {
     # goodput (a workload with [slo]): output tok/s, or requests/s, of requests meeting every SLO
     "goodput_tok_s": "goodput tok/s",
     "goodput_req_s": "goodput req/s",
+    # a rate search ([slo.search]): the highest rate holding the attainment target, requests/s
+    "max_good_rate": "max good rate req/s",
 }
 
 
@@ -47,7 +49,7 @@ class Floor:
 
     def fmt(self, value: float) -> str:
         """A value of this floor's metric: requests/s want decimals, tokens/s do not."""
-        return f"{value:,.2f}" if self.metric.endswith("_req_s") else f"{value:,.0f}"
+        return f"{value:,.2f}" if self.metric.endswith(("_req_s", "_rate")) else f"{value:,.0f}"
 
     def describe(self) -> str:
         return f"{self.fmt(self.tok_s)} {self.label} ({self.note}; {self.source.name})"

@@ -37,7 +37,7 @@ class Slo:
     def fmt(self, value: float) -> str:
         if self.metric in ("error_rate", "slo_attainment"):
             return f"{value:.2%}"
-        if self.metric.endswith("_req_s"):
+        if self.metric.endswith(("_req_s", "_rate")):
             return f"{value:,.2f}"
         if self.minimum:
             return f"{value:,.0f}"

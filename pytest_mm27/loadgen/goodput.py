@@ -11,7 +11,10 @@ the measuring function it is given.
 - Saturation (open-loop sweeps): a level is past the saturation point when
   the achieved request rate falls short of the offered one by more than
   ``SHORTFALL`` while its latency climbed against the level below it
-  (TTFT p50 or E2EL p50 up by more than ``CLIMB``).
+  (TTFT p50 or E2EL p50 up by more than ``CLIMB``). Achieved is the
+  completion rate (first to last completion) and offered the rate actually
+  sent, where measured: a seeded Poisson draw sends faster or slower than its
+  nominal rate, and ok / duration would count the drain after the last send.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def saturation(below: LevelMetrics | None, level: LevelMetrics) -> tuple[bool | 
     """Whether ``level`` (an open-loop rate level) is past saturation, judged against the rate ``below`` it."""
     if level.offered_rate is None or not level.offered_rate > 0:
         return None, None
-    achieved = level.request_tok_s
-    short = 1 - achieved / level.offered_rate
+    achieved = level.completion_rate if level.completion_rate is not None else level.request_tok_s
+    offered = level.send_rate or level.offered_rate
+    short = 1 - achieved / offered
     if below is None or short <= SHORTFALL:
         return False, None
     climbs = []
@@ -88,7 +92,8 @@ def saturation(below: LevelMetrics | None, level: LevelMetrics) -> tuple[bool | 
             climbs.append(f"{name[:-3]} p50 {b:.0f} -> {n:.0f} ms")
     if not climbs:
         return False, None
-    return True, (f"saturated: offered {level.offered_rate:g} req/s, achieved {achieved:.2f} req/s "
+    sent = f" (sent {level.send_rate:.2f}/s)" if level.send_rate else ""
+    return True, (f"saturated: offered {level.offered_rate:g} req/s{sent}, completed {achieved:.2f} req/s "
                   f"({short:.0%} short) while {', '.join(climbs)} against {below.offered_rate:g} req/s")
 
 
@@ -110,7 +115,8 @@ class SearchResult:
     target: float
     probes: list[tuple[float, float | None]] = field(default_factory=list)   # (rate, attainment)
     stop: str = ""
-    best: LevelMetrics | None = None
+    best: LevelMetrics | None = None    # the probe at ``rate``
+    last: LevelMetrics | None = None    # the last probe made
 
     def to_dict(self) -> dict[str, object]:
         return {"rate": self.rate, "target": self.target, "stop": self.stop,
@@ -128,7 +134,7 @@ def search_rate(measure: Callable[[float], LevelMetrics], search: RateSearch) ->
     out = SearchResult(None, search.attainment)
 
     def holds(rate: float) -> bool:
-        m = measure(rate)
+        m = out.last = measure(rate)
         out.probes.append((rate, m.slo_attainment))
         ok = m.slo_attainment is not None and m.slo_attainment >= search.attainment
         if ok and (out.rate is None or rate > out.rate):

@@ -126,6 +126,9 @@ class LevelMetrics:
     arrival: str | None = None          # "poisson 20/s", "trace x0.5", ...; None: closed loop
     offered_rate: float | None = None   # requests/s the schedule asked for
     send_rate: float | None = None      # requests/s actually sent (first send -> last send)
+    # requests/s completed, first completion -> last: follows send_rate (shifted by the latency)
+    # until the server saturates; unlike ok / duration it has no drain at the end to dilute it
+    completion_rate: float | None = None
     schedule_lag_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))   # due -> sent
     client_queue_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))   # due -> cap let it go
     max_in_flight: int | None = None
@@ -138,6 +141,9 @@ class LevelMetrics:
     saturated: bool | None = None
     saturation_note: str | None = None
     wall_epoch: float | None = None     # wall-clock time of the level's timeline zero (its samples' times)
+    # a rate search's level ([slo.search]): the highest rate that held the attainment target, and how
+    max_good_rate: float | None = None
+    rate_search: dict[str, Any] | None = None
 
     _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms", "schedule_lag_ms",
                "client_queue_ms")

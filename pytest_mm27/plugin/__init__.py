@@ -197,7 +197,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if harness is None:
         return
     if "mm27_level" in metafunc.fixturenames:
-        cases = [LevelCase(t, c, r) for t in harness.topologies for c, r in harness.cases_for(t)]
+        cases = [LevelCase(t, c, r, s) for t in harness.topologies for c, r, s in harness.cases_for(t)]
         metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
     if "mm27_topology" in metafunc.fixturenames:
         # Session-scoped, so pytest groups the tests by topology and each boots once.
@@ -235,7 +235,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     positions = [i for i, item in enumerate(items) if case_of(item)]
     bench = sorted((items[i] for i in positions),
-                   key=lambda it: (order[case_of(it).topology.name], case_of(it).rate or 0, case_of(it).concurrency))
+                   key=lambda it: (order[case_of(it).topology.name], case_of(it).search,
+                                   case_of(it).rate or 0, case_of(it).concurrency))
     for i, item in zip(positions, bench):
         items[i] = item
         item.add_marker(pytest.mark.mm27)
