@@ -64,8 +64,9 @@ def test_a_rate_sweep_runs_one_level_per_rate(no_leftovers):
     # 400 req/s is far past what one simulated replica serves: achieved falls short, latency climbs
     high = recs["one--sweep_rate=400_"]["levels"][0]["metrics"]
     assert high["offered_rate"] == 400 and high["request_tok_s"] < 0.9 * 400
-    if high["ttft_ms"]["p50"] > 1.5 * m["ttft_ms"]["p50"]:
-        assert high["saturated"] is True and "saturated: offered 400 req/s" in high["saturation_note"]
+    # 24 requests sent within ~0.1 s, served over a second or more: completions fall far behind, TTFT climbs
+    assert high["completion_rate"] < 0.5 * high["send_rate"]
+    assert high["saturated"] is True and "saturated: offered 400 req/s" in high["saturation_note"]
     # samples beside the record, one file per trial, named by the trial
     files = list(pytester.path.glob("results/runs/*/one--sweep_rate=2_.samples/c32-t1.jsonl*"))
     assert len(files) == 1
