@@ -158,12 +158,22 @@ def test_goodput_metrics_are_gated_only_where_the_workload_has_slos():
     assert parse_tolerances("goodput=3%")["goodput"] == pytest.approx(0.03)
 
 
-def test_saturation_judges_the_rate_sent_against_the_rate_completed():
+def test_saturation_judges_the_drawn_schedule_against_the_rate_completed():
     base = _level(4, 4.0, 50, 500)
-    # a Poisson draw that sent only 6.5/s of a nominal 8/s, all completed: not saturated
+    # a Poisson draw of only 6.5/s for a nominal 8/s, all completed: not saturated
     drawn = _level(8, 5.0, 400, 2000)
-    drawn.send_rate, drawn.completion_rate = 6.5, 6.4
+    drawn.schedule_rate, drawn.completion_rate = 6.5, 6.4
     assert saturation(base, drawn)[0] is False
     drawn.completion_rate = 4.1
     hit, note = saturation(base, drawn)
-    assert hit and "(sent 6.50/s), completed 4.10 req/s (37% short)" in note
+    assert hit and "(drawn 6.50/s), completed 4.10 req/s (37% short)" in note
+
+
+def test_a_cap_that_queues_in_the_client_is_saturation_too():
+    base = _level(4, 4.0, 50, 500)
+    capped = _level(64, 12.0, 55, 520)        # the server's latency flat: the cap held requests back
+    capped.client_queue_ms = Percentiles(900, 900, 900, 900, 900, 900, 10)
+    hit, note = saturation(base, capped)
+    assert hit and "client queue p50 0 -> 900 ms" in note
+    capped.client_queue_ms = Percentiles(0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 10)    # under a millisecond: no climb
+    assert saturation(base, capped)[0] is False

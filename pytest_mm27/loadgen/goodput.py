@@ -11,10 +11,13 @@ the measuring function it is given.
 - Saturation (open-loop sweeps): a level is past the saturation point when
   the achieved request rate falls short of the offered one by more than
   ``SHORTFALL`` while its latency climbed against the level below it
-  (TTFT p50 or E2EL p50 up by more than ``CLIMB``). Achieved is the
-  completion rate (first to last completion) and offered the rate actually
-  sent, where measured: a seeded Poisson draw sends faster or slower than its
-  nominal rate, and ok / duration would count the drain after the last send.
+  (TTFT, E2EL or client queue time p50 up by more than ``CLIMB`` and at
+  least ``CLIMB_MIN_MS``). Achieved is the completion rate (first to last
+  completion) and offered the schedule's rate as drawn, where measured: a
+  seeded Poisson draw is faster or slower than its nominal rate, and
+  ok / duration would count the drain after the last send. Against the drawn
+  schedule a max-concurrency cap that holds requests back in the client
+  shows as saturation too (its queue time climbs), as a user would see it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .samples import RequestRecord
 
 SHORTFALL = 0.10    # achieved below offered by this share
 CLIMB = 0.50        # a latency p50 up by this share against the level below
+CLIMB_MIN_MS = 1.0  # ... and by at least this much (a queue time of 0.01 -> 0.02 ms is no climb)
 
 
 def missed(rec: RequestRecord, slo: SloSpec) -> list[str]:
@@ -81,18 +85,18 @@ def saturation(below: LevelMetrics | None, level: LevelMetrics) -> tuple[bool | 
     if level.offered_rate is None or not level.offered_rate > 0:
         return None, None
     achieved = level.completion_rate if level.completion_rate is not None else level.request_tok_s
-    offered = level.send_rate or level.offered_rate
+    offered = level.schedule_rate or level.offered_rate
     short = 1 - achieved / offered
     if below is None or short <= SHORTFALL:
         return False, None
     climbs = []
-    for name in ("ttft_ms", "e2el_ms"):
+    for name in ("ttft_ms", "e2el_ms", "client_queue_ms"):
         b, n = getattr(below, name).p50, getattr(level, name).p50
-        if b > 0 and n > b * (1 + CLIMB):
-            climbs.append(f"{name[:-3]} p50 {b:.0f} -> {n:.0f} ms")
+        if n > b * (1 + CLIMB) and n - b >= CLIMB_MIN_MS:
+            climbs.append(f"{name[:-3].replace('_', ' ')} p50 {b:.0f} -> {n:.0f} ms")
     if not climbs:
         return False, None
-    sent = f" (sent {level.send_rate:.2f}/s)" if level.send_rate else ""
+    sent = f" (drawn {level.schedule_rate:.2f}/s)" if level.schedule_rate else ""
     return True, (f"saturated: offered {level.offered_rate:g} req/s{sent}, completed {achieved:.2f} req/s "
                   f"({short:.0%} short) while {', '.join(climbs)} against {below.offered_rate:g} req/s")
 

@@ -125,6 +125,7 @@ class LevelMetrics:
     # open-loop levels (loadgen.arrivals): what was offered and what the client kept of it
     arrival: str | None = None          # "poisson 20/s", "trace x0.5", ...; None: closed loop
     offered_rate: float | None = None   # requests/s the schedule asked for
+    schedule_rate: float | None = None  # requests/s of the schedule as drawn (a seeded Poisson draw is not exact)
     send_rate: float | None = None      # requests/s actually sent (first send -> last send)
     # requests/s completed, first completion -> last: follows send_rate (shifted by the latency)
     # until the server saturates; unlike ok / duration it has no drain at the end to dilute it

@@ -408,6 +408,8 @@ async def _level_open(plan: _Plan, deadline: float | None, progress: Progress | 
     metrics.arrival, metrics.offered_rate, metrics.max_in_flight = label, offered, result.max_in_flight
     metrics.wall_epoch = epoch
     metrics.send_rate = (len(sent) - 1) / (sent[-1] - sent[0]) if len(sent) > 1 and sent[-1] > sent[0] else None
+    due = [d.at for d in dues]
+    metrics.schedule_rate = (len(due) - 1) / (due[-1] - due[0]) if len(due) > 1 and due[-1] > due[0] else None
     ends = sorted(r.end for r in records if r.ok)
     metrics.completion_rate = (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else None
     metrics.schedule_lag_ms = Percentiles.of((r.sent - r.scheduled) * 1000.0 for r in records
