@@ -24,6 +24,7 @@ from typing import Any
 from .catalog.floors import Floor, FloorTable, load_floors
 from .catalog.paths import catalog_dirs
 from .catalog.topology import Catalog, ModelRef, Topology, load_catalog
+from .catalog.trace import load_trace
 from .catalog.workload import Workload, load_workloads
 from .config import Mm27Config
 from .deployment import Deployment, EngineChoice, LiveDeployment
@@ -195,14 +196,19 @@ class Harness:
         return self.cfg.concurrency or topology.concurrency_levels
 
     def cases_for(self, topology: Topology) -> list[tuple[int, float | None, bool]]:
-        """The suite's levels of a topology: (concurrency, None, False) each, or for a rate sweep
-        (--rate, or the workload's arrival.rates) (the in-flight cap, rate, False) each; then
-        (cap, None, True) for the rate search of a workload with [slo.search]."""
+        """The suite's levels of a topology: (concurrency, None, False) each; for a rate sweep
+        (--rate, or the workload's arrival.rates) (the in-flight cap, rate, False) each; for a
+        trace or a fixed rate the one level (cap, None, False); then (cap, None, True) for the
+        rate search of a workload with [slo.search]."""
         workload = self.deployments[topology.name].workload
         arrival = workload.arrival
         rates = self.cfg.rates or (arrival.rates if arrival.kind != "trace" else ())
-        cases: list[tuple[int, float | None, bool]] = (
-            [(arrival.cap, r, False) for r in rates] if rates else [(c, None, False) for c in self.levels_for(topology)])
+        if rates:
+            cases: list[tuple[int, float | None, bool]] = [(arrival.cap, r, False) for r in rates]
+        elif arrival.open:      # a trace, or one fixed rate: one level at the arrival's own cap
+            cases = [(arrival.cap, None, False)]
+        else:
+            cases = [(c, None, False) for c in self.levels_for(topology)]
         if workload.slo is not None and workload.slo.search is not None and arrival.kind != "trace":
             cases.append((arrival.cap, None, True))
         return cases
@@ -551,9 +557,13 @@ class Harness:
         # Energy over the whole level, warm-up and tail requests included: they ran on the same GPUs.
         trial = Trial.of(metrics, gpu=sampler.summary(metrics.output_tokens
                                                       + int(metrics.unmeasured.get("output_tokens") or 0)))
+        extras = None
+        if workload.arrival.kind == "trace" and workload.arrival.trace is not None:
+            extras = {i: {"prefix_id": row.prefix_id, "session_id": row.session_id}
+                      for i, row in enumerate(load_trace(workload.arrival.trace))}
         written = write_samples(samples_base, requests, {
             "deployment": name, "workload": workload.name, "concurrency": concurrency,
-            "trial": int(samples_base.name.rsplit("-t", 1)[-1]), "wall_epoch": metrics.wall_epoch})
+            "trial": int(samples_base.name.rsplit("-t", 1)[-1]), "wall_epoch": metrics.wall_epoch}, extras)
         trial.samples = str(written.relative_to(samples_base.parent.parent))
         if pids:
             start, end = metrics.window_wall or (started, ended)

@@ -147,3 +147,46 @@ def test_the_rate_search_is_a_level_recorded_and_gated(no_leftovers):
     assert m["offered_rate"] == 16 and "max_rate 16 req/s holds" in m["rate_search"]["stop"]
     probe = recs["one--sweep_rate=16_"]["levels"][0]
     assert probe["case"] == "rate-search" and probe["metrics"]["slo_attainment"] == 1.0
+
+
+USER_TEST = textwrap.dedent("""\
+    def test_rates(mm27_topology):
+        low = mm27_topology.run(8, "sweep", rate=3, requests=6)
+        assert low.metrics.offered_rate == 3 and low.metrics.requests == 6 and low.metrics.goodput_tok_s > 0
+        found = mm27_topology.search_rate("sweep", requests=6)
+        assert found.metrics.max_good_rate == 16, found.metrics.rate_search
+        assert found.workload == "sweep[requests=6][rate-search]"
+    """)
+
+
+def test_user_tests_run_rate_levels_and_the_search(no_leftovers):
+    pytester = no_leftovers
+    setup(pytester, workload=SEARCH)
+    pytester.makepyfile(test_mine=USER_TEST)
+    result = pytester.runpytest_subprocess(
+        "test_mine.py", "--topology-dir", "topologies", "--workload-dir", "workloads", "--floors-dir", "floors",
+        "--topology", "one", "--engine", "sim", "--results-dir", "results", "-v", timeout=240)
+    result.assert_outcomes(passed=1)
+    recs = records(pytester)
+    assert "one--sweep_rate=3,requests=6_" in recs and "one--sweep_requests=6__rate-search_" in recs, recs.keys()
+    probe = recs["one--sweep_requests=6__rate-search_"]["levels"][0]
+    assert probe["case"] == "test_mine.py::test_rates[one]"
+
+
+def test_the_catalog_trace_replay_runs_one_level_and_keeps_the_trace_ids(no_leftovers):
+    pytester = no_leftovers
+    setup(pytester)
+    result = run(pytester, "--workload", "trace-replay")
+    result.stdout.fnmatch_lines(["*test_throughput?one-c256? PASSED*"])
+    rec = records(pytester)["one--trace-replay"]
+    m = rec["levels"][0]["metrics"]
+    assert m["arrival"] == "trace example.jsonl x0.5" and (m["requests"], m["failed"]) == (40, 0)
+    run_dir = next(pytester.path.glob("results/runs/*"))
+    _, samples = read_samples(run_dir / rec["levels"][0]["trials"][0]["samples"])
+    by_index = {s.record.index: s for s in samples}
+    rows = [json.loads(line) for line in (REPO / "fixtures/traces/example.jsonl").read_text().splitlines()
+            if line.startswith("{")]
+    for i, row in enumerate(rows):
+        assert by_index[i].record.output_tokens == row["output_tokens"]
+        assert by_index[i].extra.get("prefix_id") == row.get("prefix_id")
+        assert by_index[i].extra.get("session_id") == row.get("session_id")

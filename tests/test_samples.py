@@ -82,3 +82,12 @@ def test_trials_merge_into_one_sample(sim, tmp_path):  # noqa: F811
     merged = merge(files)
     assert len(merged) == len(everything)
     assert latency_percentiles(merged) == latency_percentiles(everything)
+
+
+def test_a_replayed_trace_keeps_its_ids_with_each_sample(tmp_path):
+    recs = [(_rec(i), True) for i in range(3)]
+    extras = {0: {"prefix_id": "sys-0", "session_id": "u1"}, 1: {"prefix_id": None, "session_id": None},
+              2: {"session_id": "u2"}}
+    _, back = read_samples(write_samples(tmp_path / "t", recs, {}, extras))
+    assert [s.extra for s in back] == [{"prefix_id": "sys-0", "session_id": "u1"}, {}, {"session_id": "u2"}]
+    assert [s.record for s in back] == [r for r, _ in recs]

@@ -46,7 +46,7 @@ from ..errors import Mm27Error
 from ..host.exits import install_signal_handlers
 from ..host.launcher import Launcher
 from ..host.leases import lease_devices
-from ..loadgen import run_level
+from ..loadgen import Percentiles, run_level
 from ..parsing import parse_rates
 from .vllm_bench_result import read_bench_result
 from .vllm_crosscheck import BENCH_TIMEOUT_S, default_vllm
@@ -54,7 +54,8 @@ from .vllm_crosscheck import BENCH_TIMEOUT_S, default_vllm
 METRICS = (("output tok/s", "tok_s", "{:,.2f}"), ("tok/s / sent", "tok_per_req", "{:,.2f}"),
            ("sent req/s", "sent", "{:.3f}"), ("TTFT p50 ms", "ttft_p50", "{:.1f}"),
            ("TTFT mean ms", "ttft_mean", "{:.1f}"), ("TPOT p50 ms", "tpot_p50", "{:.2f}"),
-           ("TPOT mean ms", "tpot_mean", "{:.2f}"), ("failed", "failed", "{:.0f}"))
+           ("TPOT mean ms", "tpot_mean", "{:.2f}"), ("E2EL p50 ms", "e2el_p50", "{:.1f}"),
+           ("E2EL mean ms", "e2el_mean", "{:.1f}"), ("failed", "failed", "{:.0f}"))
 
 
 def theirs(vllm: list[str], url: str, model_dir: str, served: str, args: argparse.Namespace, rate: float,
@@ -80,9 +81,11 @@ def theirs(vllm: list[str], url: str, model_dir: str, served: str, args: argpars
     trace.write_text("".join(json.dumps({"timestamp": s - t0, "input_tokens": max(1, i),
                                          "output_tokens": max(1, o)}) + "\n" for s, i, o in starts))
     sent = (len(starts) - 1) / (starts[-1][0] - t0) if starts[-1][0] > t0 else float("nan")
+    lat = raw.get("latencies") or [t + sum(g) for t, g in zip(raw["ttfts"], raw["itls"])]
+    e2el = Percentiles.of(v * 1000.0 for v, err, t in zip(lat, raw["errors"], raw["ttfts"]) if not err and t > 0)
     return {"tok_s": r.span_tok_s, "sent": sent, "tok_per_req": r.span_tok_s / sent, "ttft_p50": r.ttft_ms.p50,
             "ttft_mean": r.ttft_ms.mean, "tpot_p50": r.tpot_ms.p50, "tpot_mean": r.tpot_ms.mean,
-            "failed": r.failed}, trace
+            "e2el_p50": e2el.p50, "e2el_mean": e2el.mean, "failed": r.failed}, trace
 
 
 def ours(url: str, model: str, workload: Workload) -> dict[str, float]:
@@ -90,7 +93,7 @@ def ours(url: str, model: str, workload: Workload) -> dict[str, float]:
     sent = m.send_rate or float("nan")
     return {"tok_s": m.output_tok_s, "sent": sent, "tok_per_req": m.output_tok_s / sent,
             "ttft_p50": m.ttft_ms.p50, "ttft_mean": m.ttft_ms.mean, "tpot_p50": m.tpot_ms.p50,
-            "tpot_mean": m.tpot_ms.mean, "failed": m.failed}
+            "tpot_mean": m.tpot_ms.mean, "e2el_p50": m.e2el_ms.p50, "e2el_mean": m.e2el_ms.mean, "failed": m.failed}
 
 
 def table(results: dict[float, dict[str, list[dict[str, float]]]]) -> str:

@@ -18,8 +18,8 @@ import gzip
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +33,32 @@ _FIELDS = ("index", "endpoint", "worker", "scheduled", "slot_free", "sent", "end
            "output_tokens", "prompt_tokens", "ramp", "chunk_times")
 
 
+# What a request may carry besides its record: a replayed trace's ids.
+EXTRA_FIELDS = ("prefix_id", "session_id")
+
+
 @dataclass
 class Sample:
     record: RequestRecord
     measured: bool
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _line(rec: RequestRecord, measured: bool) -> str:
+def _line(rec: RequestRecord, measured: bool, extra: Mapping[str, Any] | None) -> str:
     data: dict[str, Any] = {k: getattr(rec, k) for k in _FIELDS}
     data["measured"] = measured
+    data.update({k: v for k, v in (extra or {}).items() if v is not None})
     return json.dumps(data, separators=(",", ":"))
 
 
-def write_samples(base: Path, samples: Iterable[tuple[RequestRecord, bool]], header: dict[str, Any]) -> Path:
-    """Write ``base`` + ``.jsonl`` (or ``.jsonl.gz`` when large) atomically; returns the path written."""
+def write_samples(base: Path, samples: Iterable[tuple[RequestRecord, bool]], header: dict[str, Any],
+                  extras: Mapping[int, Mapping[str, Any]] | None = None) -> Path:
+    """Write ``base`` + ``.jsonl`` (or ``.jsonl.gz`` when large) atomically; returns the path written.
+
+    ``extras``: per request index, fields to keep with its line (``EXTRA_FIELDS``)."""
+    extras = extras or {}
     lines = [json.dumps({"schema": SCHEMA, "version": VERSION, **header}, separators=(",", ":"))]
-    lines.extend(_line(r, m) for r, m in samples)
+    lines.extend(_line(r, m, extras.get(r.index)) for r, m in samples)
     text = ("\n".join(lines) + "\n").encode()
     big = len(text) >= GZIP_FROM
     path = base.with_name(base.name + (".jsonl.gz" if big else ".jsonl"))
@@ -85,7 +95,8 @@ def read_samples(path: Path) -> tuple[dict[str, Any], list[Sample]]:
                 header = data
                 continue
             measured = bool(data.pop("measured"))
-            out.append(Sample(RequestRecord(**data), measured))
+            extra = {k: data.pop(k) for k in EXTRA_FIELDS if k in data}
+            out.append(Sample(RequestRecord(**data), measured, extra))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise Mm27Error(f"{path}:{number}: bad sample line: {exc}") from None
     if header is None:
