@@ -178,7 +178,7 @@ def test_the_catalog_trace_replay_runs_one_level_and_keeps_the_trace_ids(no_left
     setup(pytester)
     result = run(pytester, "--workload", "trace-replay")
     result.stdout.fnmatch_lines(["*test_throughput?one-c256? PASSED*"])
-    rec = records(pytester)["one--trace-replay"]
+    rec = records(pytester)["one"]      # the topology's own workload (--workload), so its own record
     m = rec["levels"][0]["metrics"]
     assert m["arrival"] == "trace example.jsonl x0.5" and (m["requests"], m["failed"]) == (40, 0)
     run_dir = next(pytester.path.glob("results/runs/*"))

@@ -111,6 +111,11 @@ def table(results: dict[float, dict[str, list[dict[str, float]]]]) -> str:
                 cells.append((fmt.format(a), diff))
             lines.append(f"{rate:>5g}  {label:<13} {fmt.format(b):>11} {cells[0][0]:>12} {cells[0][1]:>7} "
                          f"{cells[1][0]:>13} {cells[1][1]:>7}")
+        if len(by_client["theirs"]) > 1:        # each round, so the spread of each client shows
+            for label, key in (("TTFT p50", "ttft_p50"), ("TPOT mean", "tpot_mean"), ("output tok/s", "tok_s")):
+                rounds = "; ".join(f"{c} " + "/".join(f"{r[key]:.1f}" for r in by_client[c])
+                                   for c in ("theirs", "replay", "poisson"))
+                lines.append(f"{'':>5}  rounds {label}: {rounds}")
     return "\n".join(lines)
 
 
