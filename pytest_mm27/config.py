@@ -19,7 +19,7 @@ from typing import Any
 from .engines import parse_engine
 from .gate.specs import parse_tolerances
 from .parsing import (
-    HISTORY_OFF, parse_concurrency, parse_endpoint, parse_error_rate, parse_gate, parse_history,
+    HISTORY_OFF, parse_concurrency, parse_endpoint, parse_rates, parse_error_rate, parse_gate, parse_history,
     parse_non_negative_float, parse_positive_float,
     parse_positive_int, parse_precision, parse_ray_address, parse_sim_fault, split_names,
 )
@@ -38,6 +38,7 @@ class Mm27Config:
     endpoints: tuple[str, ...] = ()
     workload: str | None = None             # None: each topology's own workload
     concurrency: tuple[int, ...] | None = None
+    rates: tuple[float, ...] | None = None  # open-loop request rates as the levels (requests/s)
     results_dir: Path = Path("results")
     topology_dirs: tuple[Path, ...] = ()
     workload_dirs: tuple[Path, ...] = ()
@@ -142,6 +143,7 @@ def build_config(get: Callable[[str], Any], rootdir: Path) -> Mm27Config:
         endpoints=endpoints,
         workload=get("workload") or None,
         concurrency=concurrency,
+        rates=_convert("mm27_rate", get("rate"), parse_rates) if get("rate") else None,
         results_dir=path(get("results_dir") or "results"),
         topology_dirs=paths("topology_dir"),
         workload_dirs=paths("workload_dir"),

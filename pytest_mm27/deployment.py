@@ -88,5 +88,16 @@ class Deployment:
         chosen = workload if isinstance(workload, Workload) else \
             self.harness.workload_named(workload) if workload else self.workload
         chosen = chosen.variant(**shape)
+        chosen.arrival.check_level(chosen.name, str(chosen.source))
         level = self.harness.measure_level(self, concurrency, chosen, trials=trials, case=case)
         return Result(level, self.name, chosen.name)
+
+    def search_rate(self, workload: str | Workload | None = None, *, case: str | None = None,
+                    **shape: Any) -> Result:
+        """The highest open-loop rate meeting the workload's ``[slo.search]`` attainment target
+        (``Result.metrics.max_good_rate``); each probe is recorded as a rate level of its own."""
+        chosen = workload if isinstance(workload, Workload) else \
+            self.harness.workload_named(workload) if workload else self.workload
+        chosen = chosen.variant(**shape)
+        level = self.harness.search_level(self, chosen, case=case)
+        return Result(level, self.name, f"{chosen.name}[rate-search]")

@@ -24,6 +24,7 @@ from typing import Any
 from .catalog.floors import Floor, FloorTable, load_floors
 from .catalog.paths import catalog_dirs
 from .catalog.topology import Catalog, ModelRef, Topology, load_catalog
+from .catalog.trace import load_trace
 from .catalog.workload import Workload, load_workloads
 from .config import Mm27Config
 from .deployment import Deployment, EngineChoice, LiveDeployment
@@ -45,9 +46,11 @@ from .host.leases import lease_devices
 from .host.servercpu import DEFAULT_TITLE_PREFIX, ServerCpuSampler, front_end_bound
 from .host.telemetry import GpuSampler
 from .loadgen import run_level
+from .loadgen.goodput import saturation, search_rate
 from .progress import Progress, Silent
 from .records.model import (
     ERROR,
+    FAIL,
     EngineInfo,
     FloorRef,
     HardwareInfo,
@@ -57,6 +60,7 @@ from .records.model import (
     Trial,
     Verdict,
 )
+from .records.samples import write_samples
 from .records.store import RunFile, check_writable_dir, git_commit, new_run_id, now_iso
 from .result import Result
 from .secrets import add_secret
@@ -99,6 +103,7 @@ class Harness:
         self.topologies: list[Topology] = [d.topology for d in self.deployments.values()]
         self._live: LiveDeployment | None = None
         self._files: dict[tuple[str, str], RunFile] = {}
+        self._sweeps: dict[tuple[str, Workload], dict[float, Any]] = {}     # rate levels measured, per sweep
         self._git = git_commit(rootdir)
         self.baselines: dict[tuple[str, str], BaselineMatch] = self._resolve_baselines()
         self._judges: dict[tuple[str, str], Judge | None] = {}
@@ -192,6 +197,31 @@ class Harness:
     def levels_for(self, topology: Topology) -> tuple[int, ...]:
         return self.cfg.concurrency or topology.concurrency_levels
 
+    def cases_for(self, topology: Topology) -> list[tuple[int, float | None, bool]]:
+        """The suite's levels of a topology: (concurrency, None, False) each; for a rate sweep
+        (--rate, or the workload's arrival.rates) (the in-flight cap, rate, False) each; for a
+        trace or a fixed rate the one level (cap, None, False); then (cap, None, True) for the
+        rate search of a workload with [slo.search]."""
+        workload = self.deployments[topology.name].workload
+        arrival = workload.arrival
+        rates = self.cfg.rates or (arrival.rates if arrival.kind != "trace" else ())
+        if rates:
+            cases: list[tuple[int, float | None, bool]] = [(arrival.cap, r, False) for r in rates]
+        elif arrival.open:      # a trace, or one fixed rate: one level at the arrival's own cap
+            cases = [(arrival.cap, None, False)]
+        else:
+            cases = [(c, None, False) for c in self.levels_for(topology)]
+        if workload.slo is not None and workload.slo.search is not None and arrival.kind != "trace":
+            cases.append((arrival.cap, None, True))
+        return cases
+
+    @staticmethod
+    def rate_shape(workload: Workload, rate: float | None) -> dict[str, Any]:
+        """The level fields of a rate level: the rate, and Poisson arrivals for a closed-loop workload."""
+        if rate is None:
+            return {}
+        return {"rate": rate} if workload.arrival.open else {"rate": rate, "arrival_kind": "poisson"}
+
     def floors_for(self, topology: Topology) -> FloorTable:
         if topology.hardware not in self._floors:
             self._floors[topology.hardware] = load_floors(self._floor_dirs, topology.hardware)
@@ -200,8 +230,8 @@ class Harness:
     def floor_for(self, topology: Topology, workload: str, concurrency: int) -> Floor | None:
         return self.floors_for(topology).get(topology.name, workload, concurrency)
 
-    def floor_value(self, topology: Topology, concurrency: int) -> float | None:
-        floor = self.floor_for(topology, self.deployments[topology.name].workload.name, concurrency)
+    def floor_value(self, topology: Topology, concurrency: int, workload: str | None = None) -> float | None:
+        floor = self.floor_for(topology, workload or self.deployments[topology.name].workload.name, concurrency)
         return floor.tok_s if floor else None
 
     def ceilings_for(self, topology: Topology, workload: str, concurrency: int) -> tuple[Slo, ...]:
@@ -419,10 +449,12 @@ class Harness:
             file.add_level(level)
             return level
         try:
-            for _ in range(trials or self.cfg.trials):
+            slug = re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"c{concurrency}" + (f"-{case}" if case else ""))
+            for k in range(trials or self.cfg.trials):
                 if live.launcher is not None:
                     live.launcher.check_alive()
-                level.trials.append(self._trial(live, workload, concurrency))
+                level.trials.append(self._trial(live, workload, concurrency,
+                                                file.path.parent / f"{file.path.stem}.samples" / f"{slug}-t{k + 1}"))
                 if level.trials[-1].failed and level.trials[-1].ok == 0:
                     break       # nothing served: more trials would only repeat the failure
             if live.launcher is not None:
@@ -439,6 +471,7 @@ class Harness:
             return level
         finally:
             self.progress.done()
+        self._mark_saturation(deployment, workload, level)
         engine = deployment.choice.engine
         match = self.baseline_for(deployment, workload)
         reference = match.reference if match is not None else None
@@ -458,15 +491,85 @@ class Harness:
                                 nodes=min(self.cfg.ray_load_workers, concurrency), api_key=self.cfg.api_key,
                                 level_timeout_s=self.cfg.level_timeout_s)
 
-    def _trial(self, live: LiveDeployment, workload: Workload, concurrency: int) -> Trial:
-        """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile."""
+    def search_level(self, deployment: Deployment, workload: Workload, *, case: str | None = None) -> LevelResult:
+        """The highest rate whose SLO attainment holds ``[slo.search]``'s target, by bisection.
+
+        Every probe is a rate level of its own (recorded as ``workload[rate=R]``,
+        case ``rate-search``); the search's answer is a level of
+        ``workload[rate-search]`` whose ``max_good_rate`` is that rate (0 when
+        not even ``min_rate`` held), with the best probe's figures, gated by
+        floors (metric = "max_good_rate" or "goodput_tok_s") and the baseline.
+        """
+        search = workload.slo.search if workload.slo else None
+        if search is None:
+            raise ConfigError(f"workload {workload.name} has no [slo.search] table", source=str(workload.source),
+                              field="slo.search")
+        cap = workload.arrival.cap
+        probe_case = f"{case}@rate-search" if case else "rate-search"
+
+        def measure(rate: float) -> Any:
+            probe = workload.variant(**self.rate_shape(workload, rate))
+            level = self.measure_level(deployment, cap, probe, trials=1, case=probe_case)
+            if level.metrics is None or level.verdict.status == ERROR:
+                raise Mm27Error(f"rate search probe at {rate:g} req/s: {level.verdict.message}")
+            return level.metrics
+
+        named = dataclasses.replace(workload, name=f"{workload.name}[rate-search]")
+        file = self.file_for(deployment, named)
+        floor = self.floor_for(deployment.topology, named.name, cap)
+        level = LevelResult(cap, floor=FloorRef(floor.tok_s, floor.metric, floor.note) if floor else None, case=case)
+        try:
+            found = search_rate(measure, search)
+        except Mm27Error as exc:
+            level.verdict = Verdict(ERROR, (str(exc),))
+            file.add_level(level)
+            return level
+        trial = Trial.of(found.best) if found.best is not None else Trial.of(found.last) if found.last else None
+        if trial is None:
+            level.verdict = Verdict(ERROR, ("the rate search measured nothing",))
+            file.add_level(level)
+            return level
+        trial.max_good_rate = found.rate or 0.0
+        trial.rate_search = found.to_dict()
+        level.trials.append(trial)
+        match = self.baseline_for(deployment, named)
+        reference = match.reference if match is not None else None
+        gated = gate_level(level, floor, reference.level(cap, case) if reference else None,
+                           self._judge(deployment, named), max_error_rate=self.cfg.max_error_rate,
+                           ceilings=self.ceilings_for(deployment.topology, named.name, cap))
+        level.verdict, level.comparison = gated.verdict, gated.comparison
+        if found.rate is None:
+            level.verdict = Verdict(FAIL, (f"no rate held {search.attainment:.0%} SLO attainment: {found.stop}",
+                                           *level.verdict.problems), level.verdict.notes)
+        file.add_level(level)
+        return level
+
+    def _mark_saturation(self, deployment: Deployment, workload: Workload, level: LevelResult) -> None:
+        """A rate level past the saturation point says so, judged against the highest lower rate
+        measured of the same sweep (same deployment, same workload but for the rate)."""
+        metrics = level.metrics
+        if metrics is None or metrics.offered_rate is None or workload.arrival.kind == "trace":
+            return
+        key = (deployment.name, dataclasses.replace(workload, name="", arrival=dataclasses.replace(
+            workload.arrival, rate=None)))
+        sweep = self._sweeps.setdefault(key, {})
+        below = max((r for r in sweep if r < metrics.offered_rate), default=None)
+        hit, note = saturation(sweep[below] if below is not None else None, metrics)
+        for trial in level.trials:
+            trial.saturated, trial.saturation_note = hit, note
+        sweep[metrics.offered_rate] = metrics
+
+    def _trial(self, live: LiveDeployment, workload: Workload, concurrency: int, samples_base: Path) -> Trial:
+        """One measurement of a level, with what the GPUs and the servers' CPUs did meanwhile,
+        its requests written beside the record (``records.samples``)."""
         name = live.deployment.name
         pids = live.launcher.pids if live.launcher is not None else {}
         prefix = live.deployment.topology.env.get("VLLM_PROCESS_NAME_PREFIX", DEFAULT_TITLE_PREFIX)
+        requests: list = []
         with GpuSampler(live.gpus) as sampler, ServerCpuSampler(pids, title_prefix=prefix) as cpu:
             started = time.time()
             metrics = self._ray_level(live, workload, concurrency) if self.cfg.ray_load_workers else \
-                run_level(live.endpoints, live.model, workload, concurrency,
+                run_level(live.endpoints, live.model, workload, concurrency, samples=requests,
                           api_key=self.cfg.api_key, workers=self.cfg.workers,
                           level_timeout_s=self.cfg.level_timeout_s, precision=self.cfg.precision,
                           max_window_s=self.cfg.max_window_s,
@@ -476,6 +579,14 @@ class Harness:
         # Energy over the whole level, warm-up and tail requests included: they ran on the same GPUs.
         trial = Trial.of(metrics, gpu=sampler.summary(metrics.output_tokens
                                                       + int(metrics.unmeasured.get("output_tokens") or 0)))
+        extras = None
+        if workload.arrival.kind == "trace" and workload.arrival.trace is not None:
+            extras = {i: {"prefix_id": row.prefix_id, "session_id": row.session_id}
+                      for i, row in enumerate(load_trace(workload.arrival.trace))}
+        written = write_samples(samples_base, requests, {
+            "deployment": name, "workload": workload.name, "concurrency": concurrency,
+            "trial": int(samples_base.name.rsplit("-t", 1)[-1]), "wall_epoch": metrics.wall_epoch}, extras)
+        trial.samples = str(written.relative_to(samples_base.parent.parent))
         if pids:
             start, end = metrics.window_wall or (started, ended)
             shares = cpu.shares(start, end)

@@ -49,6 +49,26 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(levels)))
 
 
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"2,5,10"`` -> open-loop request rates (requests/s), sorted, each a level."""
+    import math
+    rates: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"request rates must be positive numbers (requests/s), got {part!r}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"request rates must be positive numbers (requests/s), got {part}")
+        rates.append(value)
+    if not rates:
+        raise argparse.ArgumentTypeError("no request rates given")
+    return tuple(sorted(set(rates)))
+
+
 def parse_endpoint(text: str) -> str:
     url = text.strip().rstrip("/")
     if not (url.startswith("http://") or url.startswith("https://")):

@@ -25,6 +25,11 @@ FLOOR_METRICS = {
     "output_tok_s": "output tok/s",
     "stream_output_tok_s": "stream output tok/s",
     "steady_output_tok_s": "steady output tok/s",
+    # goodput (a workload with [slo]): output tok/s, or requests/s, of requests meeting every SLO
+    "goodput_tok_s": "goodput tok/s",
+    "goodput_req_s": "goodput req/s",
+    # a rate search ([slo.search]): the highest rate holding the attainment target, requests/s
+    "max_good_rate": "max good rate req/s",
 }
 
 
@@ -42,8 +47,12 @@ class Floor:
     def label(self) -> str:
         return FLOOR_METRICS[self.metric]
 
+    def fmt(self, value: float) -> str:
+        """A value of this floor's metric: requests/s want decimals, tokens/s do not."""
+        return f"{value:,.2f}" if self.metric.endswith(("_req_s", "_rate")) else f"{value:,.0f}"
+
     def describe(self) -> str:
-        return f"{self.tok_s:,.0f} {self.label} ({self.note}; {self.source.name})"
+        return f"{self.fmt(self.tok_s)} {self.label} ({self.note}; {self.source.name})"
 
 
 # What a ceiling may bound: a latency percentile (milliseconds) or the error rate (a share).

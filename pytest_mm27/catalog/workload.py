@@ -8,11 +8,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .arrivals import CLOSED, LEVEL_FIELDS, Arrival, parse_arrival
 from .datafile import Table, read_toml
 from .datasets import Dataset, parse_dataset
 from .lengths import Lengths, parse_lengths
 from .traffic import PrefixSpec, SessionSpec, parse_prefix, parse_sessions
 from ..errors import ConfigError
+from .slo import SloSpec, parse_slo
 from .topology import Catalog, load_catalog_files
 
 Api = Literal["completions", "chat"]
@@ -66,6 +68,9 @@ class Workload:
     prefix: PrefixSpec | None = None
     dataset: Dataset | None = None
     sessions: SessionSpec | None = None
+    arrival: Arrival = CLOSED   # closed loop, or an open-loop schedule (catalog.arrivals)
+    slo: SloSpec | None = None  # per-request ceilings for goodput (catalog.slo)
+    stream: bool = True         # False: plain JSON responses (TTFT = E2EL then)
 
     @property
     def steady(self) -> bool:
@@ -89,16 +94,19 @@ class Workload:
         ``chat`` with ``output_tokens=512`` is ``chat[output_tokens=512]``."""
         if not changes:
             return self
-        known = {f.name for f in fields(self)} - {"name", "source", "description"}
+        known = ({f.name for f in fields(self)} - {"name", "source", "description", "arrival"}) | set(LEVEL_FIELDS)
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ConfigError(f"unknown workload field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})",
                               source=str(self.source), field=unknown[0])
-        suffix = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+        suffix = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items()))
         # A fixed length given for a level replaces the workload's distribution.
         for fixed, dist in (("input_tokens", "input_lengths"), ("output_tokens", "output_lengths")):
             if fixed in changes and dist not in changes:
                 changes = {**changes, dist: None}
+        level = {k: changes.pop(k) for k in LEVEL_FIELDS if k in changes}
+        if level:
+            changes["arrival"] = self.arrival.level(str(self.source), **level)
         return replace(self, name=f"{self.name}[{suffix}]", **changes)
 
     def input_for(self, index: int) -> int:
@@ -124,13 +132,17 @@ class Workload:
                 data[key] = data[key].to_dict()
         if self.dataset is not None:
             data["dataset"] = self.dataset.summary()
+        data["arrival"] = self.arrival.to_dict()
+        data["slo"] = self.slo.to_dict() if self.slo else None
         return data
 
 
 def parse_workload(path: Path) -> Workload:
     t = Table(read_toml(path), path)
+    arrival = parse_arrival(t.table("arrival"), path.parent) if t.has("arrival") else CLOSED
     # A file that counts requests keeps doing so; anything else measures a steady window.
-    counting = any(t.has(key) for key in (*_COUNT_ONLY, "duration_s"))
+    # An open loop counts: its requests come on a schedule, not to hold a window full.
+    counting = arrival.open or any(t.has(key) for key in (*_COUNT_ONLY, "duration_s"))
     measure = t.string("measure", "count" if counting else "steady", choices=("steady", "count"))
     for key in (*_COUNT_ONLY, "duration_s") if measure == "steady" else _STEADY_ONLY:
         if t.has(key):
@@ -147,6 +159,9 @@ def parse_workload(path: Path) -> Workload:
     outputs = None if outputs is _DATASET else outputs
     if dataset is not None and outputs is not None and outputs.is_fixed:
         dataset = dataset.with_output_tokens(outputs.minimum)     # the workload's length wins
+    if steady and arrival.open:
+        raise t.error("measure", f'an open-loop arrival ({arrival.kind}) measures its scheduled requests; '
+                      'use measure = "count"')
     workload = Workload(
         name=t.string("name", path.stem),
         description=t.string("description", ""),
@@ -174,6 +189,9 @@ def parse_workload(path: Path) -> Workload:
         prefix=parse_prefix(t),
         dataset=dataset,
         sessions=parse_sessions(t),
+        arrival=arrival,
+        slo=parse_slo(t.table("slo")) if t.has("slo") else None,
+        stream=t.boolean("stream", True),
     )
     t.finish()
     _check_traffic(workload, t)
@@ -208,6 +226,11 @@ def _check_traffic(w: Workload, t: Table) -> None:
     if w.sessions is not None and w.duration_s is not None:
         raise t.error("duration_s", "a level of sessions sends whole sessions of requests_for(c) requests; "
                                     "remove duration_s")
+    if w.sessions is not None and w.arrival.open:
+        raise t.error("sessions", "multi-turn sessions pace themselves (think time); they take no open-loop "
+                                  "[arrival]")
+    if w.stream is False and w.sessions is not None:
+        raise t.error("stream", "multi-turn sessions stream their turns; remove stream = false")
     if w.dataset is not None and w.output_lengths is not None:
         raise t.error("output_tokens", "with a dataset give one fixed output_tokens (or none: the dataset's)")
 

@@ -90,7 +90,7 @@ from ..records.model import (
 )
 from .noise import Noise, NoiseModel, logs
 from .noise import record_noise as noise_of
-from .specs import DEFAULT_TOLERANCES, METRICS, MetricSpec
+from .specs import ALL_METRICS, DEFAULT_TOLERANCES, METRICS, SLO_METRICS, MetricSpec
 from .verdict import client_understatement
 
 DEFAULT_CONFIDENCE = 0.99
@@ -106,6 +106,12 @@ WORKLOAD_SHAPE = ("input_tokens", "output_tokens", "ignore_eos", "api", "tempera
 # How the servers were started: a change here is what the comparison is for, and is named.
 TOPOLOGY_SETUP = ("tensor_parallel", "data_parallel", "dp_mode", "max_num_seqs", "gpu_memory_utilization",
                   "max_model_len", "vllm_args", "env", "api_server_count")
+
+
+def _default_metrics(workload: Mapping[str, Any] | None, baseline: RunRecord) -> list[str]:
+    """Every metric; goodput ones too when the workload (this run's, else the baseline's) has SLOs."""
+    shape = workload if workload is not None else baseline.workload
+    return [*METRICS, *(SLO_METRICS if (shape or {}).get("slo") else ())]
 
 
 def invalid_reason(level: LevelResult | None, max_error_rate: float = 0.0, *,
@@ -183,7 +189,7 @@ class Judge:
 
         return cls(NoiseModel(baseline, comparable(max_error_rate), pool_levels=pool_levels),
                    {**DEFAULT_TOLERANCES, **(tolerances or {})}, confidence, max_error_rate,
-                   tuple(METRICS[name] for name in (metrics or METRICS)),
+                   tuple(ALL_METRICS[name] for name in (metrics or _default_metrics(workload, baseline))),
                    tuple(workload_differences(baseline.workload, workload) if workload is not None else ()))
 
     def reason(self, b_level: LevelResult | None, n_level: LevelResult | None, throughput: bool) -> str | None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..records.model import LevelResult, RunRecord, Trial
-from .specs import METRICS, MetricSpec
+from .specs import ALL_METRICS, METRICS, MetricSpec
 from ..stats import f_ppf, t_ppf
 
 HETEROGENEITY_P = 0.99
@@ -107,7 +107,7 @@ class NoiseModel:
     def __init__(self, baseline: RunRecord, comparable: Any, *, pool_levels: bool = True):
         self.pool_levels = pool_levels
         self.pools: dict[str, _Pool] = {}
-        for spec in METRICS.values():
+        for spec in ALL_METRICS.values():
             if spec.absolute:
                 continue
             pool = _Pool()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..catalog.floors import CEILING_METRICS, FLOOR_METRICS, Ceiling
 from ..records.model import Trial
 
-THROUGHPUT = (*FLOOR_METRICS, "request_tok_s")
+THROUGHPUT = (*FLOOR_METRICS, "request_tok_s", "slo_attainment")
 KNOWN = (*THROUGHPUT, *CEILING_METRICS)
 
 
@@ -35,8 +35,10 @@ class Slo:
         return "floor" if self.minimum else "ceiling"
 
     def fmt(self, value: float) -> str:
-        if self.metric == "error_rate":
+        if self.metric in ("error_rate", "slo_attainment"):
             return f"{value:.2%}"
+        if self.metric.endswith(("_req_s", "_rate")):
+            return f"{value:,.2f}"
         if self.minimum:
             return f"{value:,.0f}"
         return f"{value:,.1f} ms" if value < 100 else f"{value:,.0f} ms"

@@ -55,6 +55,8 @@ class MetricSpec:
             return f"{value:.2%}"
         if self.unit == "tok/s":
             return f"{value:,.0f}"
+        if self.unit == "req/s":
+            return f"{value:,.2f} req/s"
         return f"{value:,.1f} {self.unit}" if value < 100 else f"{value:,.0f} {self.unit}"
 
 
@@ -66,13 +68,19 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("tpot_p99", "tpot_p99", "ms", False, 0.10, _pct_of("tpot_ms", "p99")),
     MetricSpec("error_rate", "error_rate", "", False, 0.0, _error_rate, absolute=True),
 )}
+# Gated only where the workload has SLOs ([slo]): a closed-loop record without them has nothing to say.
+SLO_METRICS: dict[str, MetricSpec] = {m.name: m for m in (
+    MetricSpec("goodput", "goodput_tok_s", "tok/s", True, 0.05, _field("goodput_tok_s")),
+    MetricSpec("max_good_rate", "max_good_rate", "req/s", True, 0.10, _field("max_good_rate")),
+)}
+ALL_METRICS: dict[str, MetricSpec] = {**METRICS, **SLO_METRICS}
 # other spellings accepted by parse_tolerances; "latency" sets all four latency metrics
 ALIASES: dict[str, tuple[str, ...]] = {
     "output_tok_s": ("throughput",), "tok_s": ("throughput",), "errors": ("error_rate",),
     "ttft": ("ttft_p50", "ttft_p99"), "tpot": ("tpot_p50", "tpot_p99"),
     "latency": ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"),
 }
-DEFAULT_TOLERANCES: dict[str, float] = {name: spec.default_tolerance for name, spec in METRICS.items()}
+DEFAULT_TOLERANCES: dict[str, float] = {name: spec.default_tolerance for name, spec in ALL_METRICS.items()}
 
 
 def _parse_amount(text: str, name: str) -> float:
@@ -99,7 +107,7 @@ def parse_tolerances(text: str) -> dict[str, float]:
     rate to rise by half a percentage point).
     """
     out = dict(DEFAULT_TOLERANCES)
-    known = ", ".join([*METRICS, *ALIASES])
+    known = ", ".join([*ALL_METRICS, *ALIASES])
     for part in text.replace("\n", ",").split(","):
         part = part.strip()
         if not part:
@@ -108,12 +116,12 @@ def parse_tolerances(text: str) -> dict[str, float]:
         name = name.strip().lower().replace("-", "_")
         if not sep or not value.strip():
             raise argparse.ArgumentTypeError(f"tolerance must be METRIC=VALUE (e.g. throughput=5%), got {part!r}")
-        targets = (name,) if name in METRICS else ALIASES.get(name)
+        targets = (name,) if name in ALL_METRICS else ALIASES.get(name)
         if not targets:
             raise argparse.ArgumentTypeError(f"unknown metric {name!r} in tolerance {part!r}; known: {known}")
         amount = _parse_amount(value, name)
         for target in targets:
-            if METRICS[target].higher_is_better and amount >= 1:
+            if ALL_METRICS[target].higher_is_better and amount >= 1:
                 raise argparse.ArgumentTypeError(f"tolerance for {target} must be below 100%, got {value.strip()!r}")
             out[target] = amount
     return out

@@ -74,7 +74,7 @@ def judge_level(metrics: Trial | Mapping[str, Any], floor: Floor | None, max_err
     tok_s = float(getattr(trial, floor.metric if floor else "output_tok_s", None) or 0.0)
     if floor is not None and ok and tok_s < floor.tok_s:
         shortfall = 1 - tok_s / floor.tok_s
-        floor_problem = (f"{floor.label} {tok_s:,.0f} is below the floor {floor.tok_s:,.0f} "
+        floor_problem = (f"{floor.label} {floor.fmt(tok_s)} is below the floor {floor.fmt(floor.tok_s)} "
                          f"({shortfall:.1%} short) at c={trial.concurrency}; floor: {floor.describe()}")
         if model_error is not None and model_error < 0 and shortfall <= -model_error:
             notes.append(floor_problem)

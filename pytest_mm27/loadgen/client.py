@@ -445,6 +445,7 @@ async def closed_loop(
 
     pacer = SendPacer()
     turn = pacer.turn
+    new_parser = factory.parser
 
     async def slot(slot_free: float) -> None:
         ramp = True
@@ -460,7 +461,7 @@ async def closed_loop(
                                     slot_free=slot_free, sent=0.0, end=0.0, ramp=ramp)
                 ramp = False
                 inflight[idx] = rec
-                parser = SSEParser()
+                parser = new_parser()
                 rec.sent = monotonic()
                 if watcher is not None:
                     watcher.started(rec, parser, max_tokens or default_tokens)

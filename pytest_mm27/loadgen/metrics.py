@@ -127,8 +127,32 @@ class LevelMetrics:
     # for percentiles); None where the sample is too small to say. The gate
     # uses it when single trials give no trial-to-trial scatter.
     noise: dict[str, float | None] = field(default_factory=dict)
+    # open-loop levels (loadgen.arrivals): what was offered and what the client kept of it
+    arrival: str | None = None          # "poisson 20/s", "trace x0.5", ...; None: closed loop
+    offered_rate: float | None = None   # requests/s the schedule asked for
+    schedule_rate: float | None = None  # requests/s of the schedule as drawn (a seeded Poisson draw is not exact)
+    send_rate: float | None = None      # requests/s actually sent (first send -> last send)
+    # requests/s completed, first completion -> last: follows send_rate (shifted by the latency)
+    # until the server saturates; unlike ok / duration it has no drain at the end to dilute it
+    completion_rate: float | None = None
+    schedule_lag_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))   # due -> sent
+    client_queue_ms: Percentiles = field(default_factory=lambda: Percentiles.of([]))   # due -> cap let it go
+    max_in_flight: int | None = None
+    # goodput (loadgen.goodput): requests meeting every SLO of the workload
+    slo_attainment: float | None = None
+    goodput_req_s: float | None = None
+    goodput_tok_s: float | None = None
+    slo_misses: dict[str, int] = field(default_factory=dict)   # per SLO, the requests past it
+    # a rate sweep: this level is past the saturation point (loadgen.goodput.saturation)
+    saturated: bool | None = None
+    saturation_note: str | None = None
+    wall_epoch: float | None = None     # wall-clock time of the level's timeline zero (its samples' times)
+    # a rate search's level ([slo.search]): the highest rate that held the attainment target, and how
+    max_good_rate: float | None = None
+    rate_search: dict[str, Any] | None = None
 
-    _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms")
+    _NESTED = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "queue_ms", "loop_lag_ms", "schedule_lag_ms",
+               "client_queue_ms")
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -137,6 +161,7 @@ class LevelMetrics:
         data["errors"] = dict(self.errors)
         data["unmeasured"] = dict(self.unmeasured)
         data["noise"] = dict(self.noise)
+        data["slo_misses"] = dict(self.slo_misses)
         data["endpoints"] = list(self.endpoints)
         data["worker_cpu_util"] = list(self.worker_cpu_util)
         return data

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from ..catalog.workload import Workload
 from ..errors import LoadError
 from .tokenize import ServerTokenizer, WordPool, word_pool
+from .sse import SSEParser, WholeParser
 
 # Token ids stay inside 100..1999 so tiny test vocabularies (2048) accept them
 # and special tokens (usually the lowest ids) are never sent.
@@ -118,9 +119,11 @@ class RequestFactory:
             "model": model,
             "ignore_eos": workload.ignore_eos,
             "temperature": workload.temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": workload.stream,
+            **({"stream_options": {"include_usage": True}} if workload.stream else {}),
         }
+        # what reads the answers: SSE events, or one JSON body (stream = false)
+        self.parser = SSEParser if workload.stream else WholeParser
         self._head: bytes | None = None
         self._ids: list[str] = []
         self._prefix_ids: list[list[int]] = []

@@ -47,7 +47,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import LoadError
 from ..catalog.workload import Workload
@@ -60,8 +60,10 @@ from .client import (
     monotonic,
     run_sync,
 )
+from .arrivals import Due, open_loop, rate_schedule
+from .goodput import apply_goodput
 from .metrics import LevelMetrics, SelfMeasurement, SteadyWindow, compute_level_metrics, with_prefix_cache
-from .samples import RequestRecord
+from .samples import Percentiles, RequestRecord
 from .prompts import Prepared, RequestFactory, prepare
 from .scrape import prefix_delta, scrape_prefix, scrape_tokens, server_delta
 from .steady import CHECK_INTERVAL_S, TIMED_OUT, SteadySlots, WindowClock, WindowRule
@@ -101,6 +103,8 @@ def shift_records(records: list[RequestRecord], delta: float) -> None:
         r.slot_free += delta
         r.sent += delta
         r.end += delta
+        if r.scheduled is not None:
+            r.scheduled += delta
         r.chunk_times = [t + delta for t in r.chunk_times]
 
 
@@ -165,9 +169,13 @@ def run_level(
     precision: float | None = None,
     max_window_s: float | None = None,
     progress: Progress | None = None,
+    samples: list[tuple[RequestRecord, bool]] | None = None,
 ) -> LevelMetrics:
-    """Run one closed-loop level and return its metrics. Synchronous.
+    """Run one level (closed loop, or open loop for a workload with an open arrival) and return
+    its metrics. Synchronous.
 
+    An open-loop level (``workload.arrival``) sends its schedule with at
+    most ``concurrency`` requests in flight, from this process.
     A steady workload (``workload.measure == "steady"``) warms up at the
     level and measures a window (see ``steady``); ``precision`` and
     ``max_window_s`` override the workload's target and cap. Request
@@ -175,6 +183,8 @@ def run_level(
     misuse (bad arguments) or a worker process that could not start.
     ``progress(done, total, tok_s, failed)`` is called about once a second
     while the level runs in this process (total is None for a steady window).
+    ``samples``, when given, receives every request record of the level with
+    whether it was measured (a steady level's warm-up and tail are not).
     """
     eps = _validate(endpoints, model, workload, concurrency, workers, level_timeout_s)
     if precision is not None and not 0 < precision < 1:
@@ -195,10 +205,27 @@ def run_level(
     if workload.sessions is not None:     # multi-turn chat: its own loop, one process (loadgen.sessions)
         from .sessions import sessions_level
         factory = RequestFactory(workload, model, plan.prepared)
-        return run_sync(lambda: sessions_level(eps, factory, concurrency, api_key, deadline))
-    if n_workers == 1:
-        return run_sync(lambda: _level_in_process(plan, deadline, progress))
-    return _level_sharded(plan, n_workers, deadline, progress)
+        metrics, records, window = run_sync(lambda: sessions_level(eps, factory, concurrency, api_key, deadline))
+    elif workload.arrival.open:
+        # One process sends the whole schedule (see loadgen.arrivals; ~1,000 req/s per core).
+        metrics, records, window = run_sync(lambda: _level_open(plan, deadline, progress))
+    elif n_workers == 1:
+        metrics, records, window = run_sync(lambda: _level_in_process(plan, deadline, progress))
+    else:
+        metrics, records, window = _level_sharded(plan, n_workers, deadline, progress)
+    measured = _measured(records, window)
+    apply_goodput(metrics, measured, workload.slo)
+    if samples is not None:
+        ids = {id(r) for r in measured}
+        samples.extend((r, id(r) in ids) for r in records)
+    return metrics
+
+
+def _measured(records: list[RequestRecord], window: SteadyWindow | None) -> list[RequestRecord]:
+    """The requests a level's latencies and goodput are computed over (a steady window's, else all)."""
+    if window is None:
+        return records
+    return [r for r in records if window.start <= r.sent < window.sends_end]
 
 
 async def _warmup(client: Client, plan: _Plan, factory: RequestFactory, deadline: float | None) -> None:
@@ -247,7 +274,8 @@ async def _report(tally: Tally, total: int | None, progress: Progress) -> None:
         progress(tally.done, total, tally.tokens / elapsed if elapsed > 0 else 0.0, tally.failed)
 
 
-async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progress | None = None) -> LevelMetrics:
+async def _level_in_process(plan: _Plan, deadline: float | None,
+                            progress: Progress | None = None) -> tuple[LevelMetrics, list[RequestRecord], SteadyWindow | None]:
     factory = RequestFactory(plan.workload, plan.model, plan.prepared)
     state = clock = None
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
@@ -290,11 +318,15 @@ async def _level_in_process(plan: _Plan, deadline: float | None, progress: Progr
     window = None
     if clock is not None:
         window = _window(clock, start, loop_end, result.timed_out, shift, epoch)
-    return with_prefix_cache(compute_level_metrics(
-        sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=[sm],
+    records.sort(key=lambda r: r.index)
+    metrics = compute_level_metrics(
+        records, plan.concurrency, self_measurements=[sm],
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
         server_output_tokens=server, timed_out=result.timed_out, window=window,
-    ), prefix)
+    )
+    metrics.wall_epoch = epoch
+    metrics = with_prefix_cache(metrics, prefix)
+    return metrics, records, window
 
 
 def _window(clock: WindowClock, start: float, end: float, timed_out: bool, shift: float,
@@ -305,6 +337,106 @@ def _window(clock: WindowClock, start: float, end: float, timed_out: bool, shift
     reason = clock.reason or (TIMED_OUT if timed_out else None)
     return SteadyWindow(start=t0 + shift, sends_end=min(t1, end) + shift, level_end=end + shift, reason=reason,
                         warmup_s=t0 - start, wall_epoch=epoch)
+
+
+# --- open loop (requests on a schedule) ---
+
+def open_dues(workload: Workload) -> tuple[list[Due], float, str]:
+    """The level's requests with their due times, the offered rate (req/s) and a label for it."""
+    arrival = workload.arrival
+    if arrival.kind == "trace":
+        from ..catalog.trace import load_trace
+        rows = load_trace(arrival.trace)      # type: ignore[arg-type]
+        t0 = rows[0].timestamp
+        dues = [Due((r.timestamp - t0) * arrival.time_scale, i, r.output_tokens) for i, r in enumerate(rows)]
+        span = dues[-1].at
+        offered = (len(dues) - 1) / span if span > 0 else math.inf
+        return dues, offered, f"trace {arrival.trace.name} x{arrival.time_scale:g}"   # type: ignore[union-attr]
+    if arrival.rate is None:
+        raise LoadError(f"workload {workload.name}: an open-loop level needs a rate (arrival.rate, or rate=R "
+                        "for the level)")
+    n = arrival.requests_at(arrival.rate)
+    times = rate_schedule(arrival, n, arrival.rate, workload.seed)
+    label = f"{arrival.kind} {arrival.rate:g}/s"
+    if arrival.kind == "gamma":
+        label += f" burstiness {arrival.burstiness:g}"
+    if arrival.ramp_up_s:
+        label += f" ramp {arrival.ramp_up_s:g} s"
+    return [Due(t, i, None) for i, t in enumerate(times)], arrival.rate, label
+
+
+class TracePrompts:
+    """Bodies of the traced lengths. The one place a trace's prompt is made: swap ``factory_for``
+    for an exact-length builder and every replayed prompt follows."""
+
+    def __init__(self, workload: Workload, model: str, prepared: Prepared | None = None):
+        from ..catalog.trace import load_trace
+        self.rows = load_trace(workload.arrival.trace)      # type: ignore[arg-type]
+        self.workload, self.model, self.prepared = workload, model, prepared
+        self._factories: dict[int, RequestFactory] = {}
+
+    def factory_for(self, input_tokens: int) -> RequestFactory:
+        if input_tokens not in self._factories:
+            self._factories[input_tokens] = RequestFactory(
+                replace(self.workload, input_tokens=input_tokens, input_lengths=None), self.model, self.prepared)
+        return self._factories[input_tokens]
+
+    def body(self, due: Due) -> bytes:
+        row = self.rows[due.index]
+        return self.factory_for(row.input_tokens).body(due.index, row.output_tokens)
+
+
+async def _level_open(plan: _Plan, deadline: float | None, progress: Progress | None = None
+                      ) -> tuple[LevelMetrics, list[RequestRecord], None]:
+    workload = plan.workload
+    arrival = workload.arrival
+    factory = RequestFactory(workload, plan.model, plan.prepared)
+    dues, offered, label = open_dues(workload)
+    if arrival.kind == "trace":
+        make_body = TracePrompts(workload, plan.model, plan.prepared).body
+    else:
+        make_body = lambda due: factory.body(due.index, due.max_tokens)   # noqa: E731
+    cap = plan.concurrency
+    async with Client(plan.endpoints, plan.api_key, cap) as client:
+        session = client.session
+        await _warmup(client, plan, factory, deadline)
+        await client.prewarm(min(cap, len(dues), 64))
+        before = await scrape_tokens(session, plan.endpoints)
+        prefix_before = await scrape_prefix(session, plan.endpoints)
+        epoch = time.time()
+        tally = Tally()
+        report = asyncio.create_task(_report(tally, len(dues), progress)) if progress else None
+        try:
+            result = await open_loop(client, factory.path, dues, make_body, cap, LeastOutstanding(len(plan.endpoints)),
+                                     default_tokens=workload.output_tokens, timeout_s=workload.request_timeout_s,
+                                     stall_s=workload.stall_limit_s, deadline=deadline, watcher=tally,
+                                     new_parser=factory.parser)
+        finally:
+            if report is not None:
+                report.cancel()
+        expect = sum(r.output_tokens for r in result.records if r.ok)
+        server = await server_delta(session, plan.endpoints, before, expect)
+        prefix = prefix_delta(prefix_before, await scrape_prefix(session, plan.endpoints))
+    records = sorted(result.records, key=lambda r: r.index)
+    shift_records(records, clock_offset() - epoch)
+    sm = SelfMeasurement(0, result.cpu_s, result.wall_s, result.loop_lag_ms)
+    metrics = compute_level_metrics(records, cap, self_measurements=[sm], endpoints=plan.endpoints,
+                                    warmup_requests=workload.warmup_requests, server_output_tokens=server,
+                                    timed_out=result.timed_out)
+    sent = sorted(r.sent for r in records if r.sent)
+    metrics.arrival, metrics.offered_rate, metrics.max_in_flight = label, offered, result.max_in_flight
+    metrics.wall_epoch = epoch
+    metrics.send_rate = (len(sent) - 1) / (sent[-1] - sent[0]) if len(sent) > 1 and sent[-1] > sent[0] else None
+    due = [d.at for d in dues]
+    metrics.schedule_rate = (len(due) - 1) / (due[-1] - due[0]) if len(due) > 1 and due[-1] > due[0] else None
+    ends = sorted(r.end for r in records if r.ok)
+    metrics.completion_rate = (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else None
+    metrics.schedule_lag_ms = Percentiles.of((r.sent - r.scheduled) * 1000.0 for r in records
+                                             if r.scheduled is not None and r.sent)
+    metrics.client_queue_ms = Percentiles.of(r.client_queue * 1000.0 for r in records
+                                             if r.client_queue is not None and r.sent)
+    metrics.stream_output_tok_s = None      # c x per-stream rate means nothing without c streams
+    return with_prefix_cache(metrics, prefix), records, None
 
 
 # --- sharded over processes ---
@@ -396,7 +528,7 @@ async def _tally_to_parent(tally: Tally, conn) -> None:
 
 
 def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None,
-                   progress: Progress | None = None) -> LevelMetrics:
+                   progress: Progress | None = None) -> tuple[LevelMetrics, list[RequestRecord], SteadyWindow | None]:
     ctx = mp.get_context("spawn")   # fork is unsafe with threads / a running loop in the parent
     slot_share = split(plan.concurrency, n_workers)
     if plan.total is not None:
@@ -446,7 +578,7 @@ def _level_sharded(plan: _Plan, n_workers: int, deadline: float | None,
 
 
 async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
-                         progress: Progress | None = None) -> LevelMetrics:
+                         progress: Progress | None = None) -> tuple[LevelMetrics, list[RequestRecord], SteadyWindow | None]:
     factory = RequestFactory(plan.workload, plan.model, plan.prepared)
     async with Client(plan.endpoints, plan.api_key, plan.concurrency) as client:
         session = client.session
@@ -488,11 +620,15 @@ async def _sharded_async(plan: _Plan, conns, procs, req_share, bases, deadline,
             for k in range(req_share[i] or max(1, plan.concurrency // len(conns))):
                 records.append(RequestRecord(bases[i] + k, plan.endpoints[0], i, t, t, t, error=why))
     window = _window(clock, epoch, end_wall, timed_out, -epoch, epoch) if clock is not None else None
-    return with_prefix_cache(compute_level_metrics(
-        sorted(records, key=lambda r: r.index), plan.concurrency, self_measurements=sms,
+    records.sort(key=lambda r: r.index)
+    metrics = compute_level_metrics(
+        records, plan.concurrency, self_measurements=sms,
         endpoints=plan.endpoints, warmup_requests=plan.workload.warmup_requests,
         server_output_tokens=server, timed_out=timed_out, window=window,
-    ), prefix)
+    )
+    metrics.wall_epoch = epoch
+    metrics = with_prefix_cache(metrics, prefix)
+    return metrics, records, window
 
 
 class _SummedProgress:

@@ -78,6 +78,7 @@ class RequestRecord:
     output_tokens: int = 0      # usage.completion_tokens
     prompt_tokens: int = 0      # usage.prompt_tokens
     ramp: bool = False          # first request of its slot (sent at level start, not a refill)
+    scheduled: float | None = None  # open loop: when the arrival schedule said it was due
 
     @property
     def ttft(self) -> float | None:
@@ -86,6 +87,11 @@ class RequestRecord:
     @property
     def e2el(self) -> float | None:
         return self.chunk_times[-1] - self.sent if self.chunk_times else None
+
+    @property
+    def client_queue(self) -> float | None:
+        """Open loop: due -> allowed to go (the wait for the max-concurrency cap)."""
+        return self.slot_free - self.scheduled if self.scheduled is not None else None
 
     @property
     def tpot(self) -> float | None:
@@ -103,8 +109,8 @@ class RequestRecord:
 
 
 def tpot(sent: float, chunk_times: Sequence[float], output_tokens: int) -> float | None:
-    """(E2EL - TTFT) / (output_tokens - 1); None when it is undefined (< 2 tokens)."""
-    if output_tokens < 2 or not chunk_times:
+    """(E2EL - TTFT) / (output_tokens - 1); None when it is undefined (< 2 tokens, or one chunk)."""
+    if output_tokens < 2 or len(chunk_times) < 2:   # one chunk (a whole response) times no decoding
         return None
     return (chunk_times[-1] - chunk_times[0]) / (output_tokens - 1)
 

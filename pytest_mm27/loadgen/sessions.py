@@ -157,8 +157,9 @@ async def run_sessions(client: Client, factory: RequestFactory, concurrency: int
 
 
 async def sessions_level(endpoints: list[str], factory: RequestFactory, concurrency: int, api_key: str | None,
-                         deadline: float | None) -> LevelMetrics:
-    """One level of sessions, its records on the same timeline as runner's (seconds from its start)."""
+                         deadline: float | None) -> tuple[LevelMetrics, list[RequestRecord], None]:
+    """One level of sessions, its records on the same timeline as runner's (seconds from its start),
+    as runner's levels return it: metrics, the requests, no steady window."""
     from .runner import clock_offset, shift_records
     w = factory.workload
     plan = session_plan(factory, concurrency)
@@ -181,7 +182,9 @@ async def sessions_level(endpoints: list[str], factory: RequestFactory, concurre
         prefix = prefix_delta(prefix_before, await scrape_prefix(session, endpoints))
     shift_records(result.records, clock_offset() - epoch)
     sm = SelfMeasurement(0, result.cpu_s, result.wall_s, result.loop_lag_ms)
-    metrics = compute_level_metrics(sorted(result.records, key=lambda r: r.index), concurrency,
+    records = sorted(result.records, key=lambda r: r.index)
+    metrics = compute_level_metrics(records, concurrency,
                                     self_measurements=[sm], endpoints=endpoints, server_output_tokens=server,
                                     warmup_requests=w.warmup_requests, timed_out=result.timed_out)
-    return with_prefix_cache(metrics, prefix)
+    metrics.wall_epoch = epoch
+    return with_prefix_cache(metrics, prefix), records, None

@@ -123,6 +123,47 @@ class SSEParser:
             raise StreamError("no usage")
 
 
+class WholeParser:
+    """The parser of a non-streaming response (a workload with ``stream = false``): one JSON body.
+
+    Same surface as :class:`SSEParser`. The whole answer arrives at once, so
+    its one "chunk" is the body's last read: TTFT equals E2EL, and TPOT is
+    undefined (see ``samples.tpot``), as a client that does not stream sees it.
+    """
+
+    __slots__ = ("buf", "chunk_times", "usage", "done", "last")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.chunk_times: list[float] = []
+        self.usage: dict | None = None
+        self.done = False
+        self.last = 0.0
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.buf += data
+        self.last = now
+
+    def finish(self) -> None:
+        try:
+            obj = json.loads(self.buf)
+        except ValueError:
+            raise StreamError("malformed JSON response: " + _short(self.buf)) from None
+        if not isinstance(obj, dict):
+            raise StreamError("malformed JSON response: " + _short(self.buf))
+        if obj.get("error"):
+            err = obj["error"]
+            raise StreamError("error in response: " + str(err.get("message", err) if isinstance(err, dict)
+                                                          else err)[:200])
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            raise StreamError("no usage")
+        self.usage = usage
+        if obj.get("choices"):
+            self.chunk_times = [self.last]
+        self.done = True
+
+
 def _short(payload: bytes) -> str:
     return payload[:80].decode("utf-8", "replace")
 

@@ -22,7 +22,7 @@ from ..gate.specs import parse_tolerances
 from ..harness import Harness
 from ..parsing import (
     SIM_FAULTS, parse_concurrency, parse_endpoint, parse_error_rate, parse_gate, parse_history,
-    parse_non_negative_float,
+    parse_non_negative_float, parse_rates,
     parse_positive_float, parse_positive_int, parse_precision, parse_ray_address, parse_sim_fault,
 )
 from .fixtures import (
@@ -45,6 +45,9 @@ _OPTIONS: list[tuple[str, str | None, str, dict[str, Any]]] = [
      {"metavar": "NAME"}),
     ("concurrency", "string", "override the topology's concurrency levels, e.g. 1,4,8",
      {"type": parse_concurrency, "metavar": "LEVELS"}),
+    ("rate", "string", "open-loop request rates as the levels instead of concurrencies, e.g. 2,5,10 "
+     "(requests/s; Poisson unless the workload's [arrival] says otherwise; test ids like dp3-r10)",
+     {"type": parse_rates, "metavar": "RATES"}),
     ("results_dir", "string", "where run records and logs go (default: results/)", {"metavar": "DIR"}),
     ("topology_dir", "linelist", "extra folder of topology TOML files (repeatable; shadows built-ins)",
      {"action": "append", "metavar": "DIR"}),
@@ -208,7 +211,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if harness is None:
         return
     if "mm27_level" in metafunc.fixturenames:
-        cases = [LevelCase(t, c) for t in harness.topologies for c in harness.levels_for(t)]
+        cases = [LevelCase(t, c, r, s) for t in harness.topologies for c, r, s in harness.cases_for(t)]
         metafunc.parametrize("mm27_case", cases, ids=[c.id for c in cases])
     if "mm27_topology" in metafunc.fixturenames:
         # Session-scoped, so pytest groups the tests by topology and each boots once.
@@ -246,7 +249,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     positions = [i for i, item in enumerate(items) if case_of(item)]
     bench = sorted((items[i] for i in positions),
-                   key=lambda it: (order[case_of(it).topology.name], case_of(it).concurrency))
+                   key=lambda it: (order[case_of(it).topology.name], case_of(it).search,
+                                   case_of(it).rate or 0, case_of(it).concurrency))
     for i, item in zip(positions, bench):
         items[i] = item
         item.add_marker(pytest.mark.mm27)

@@ -116,6 +116,20 @@ class DeploymentHandle:
         return await asyncio.to_thread(self.run, concurrency, workload, trials=trials, check=check, case=case,
                                        **shape)
 
+    def search_rate(self, workload: str | Workload | None = None, *, check: bool = True, case: str | None = _AUTO,
+                    **shape: Any) -> Result:
+        """Search for the highest rate meeting the workload's SLO attainment target ([slo.search]);
+        ``result.metrics.max_good_rate`` is the answer, gated like any level (floors, baseline)."""
+        if case == _AUTO:
+            case = self._case(0, workload, {**shape, "search": True})
+        try:
+            result = self._deployment.search_rate(workload, case=case, **shape)
+        except Mm27Error as exc:
+            raise pytest.fail.Exception(f"could not measure: {exc}", pytrace=False) from None
+        if check:
+            _judge(result)
+        return result
+
     def _case(self, concurrency: int, workload: str | Workload | None, shape: Mapping[str, Any]) -> str | None:
         item = self._config.stash.get(CURRENT_ITEM_KEY, None)
         if item is None:
@@ -205,10 +219,16 @@ def mm27_topology(request: pytest.FixtureRequest) -> DeploymentHandle:
 @dataclass(frozen=True)
 class LevelCase:
     topology: Topology
-    concurrency: int
+    concurrency: int            # an open-loop level's in-flight cap
+    rate: float | None = None   # an open-loop level's offered rate, requests/s
+    search: bool = False        # the rate search of the workload's [slo.search]
 
     @property
     def id(self) -> str:
+        if self.search:
+            return f"{self.topology.name}-rate-search"
+        if self.rate is not None:
+            return f"{self.topology.name}-r{self.rate:g}"
         return f"{self.topology.name}-c{self.concurrency}"
 
 
@@ -223,8 +243,12 @@ class Level:
     def __init__(self, harness: Harness, handle: DeploymentHandle, case: LevelCase):
         self.topology = case.topology
         self.concurrency = case.concurrency
-        self.workload = handle.workload
-        self.floor = harness.floor_value(case.topology, case.concurrency)
+        self.rate = case.rate
+        self.search = case.search
+        self._shape = harness.rate_shape(handle.workload, case.rate)
+        self.workload = handle.workload.variant(**self._shape)
+        self.floor = harness.floor_value(case.topology, case.concurrency, self.workload.name
+                                         + ("[rate-search]" if case.search else ""))
         self._handle = handle
         self.result: Result | None = None
 
@@ -241,7 +265,10 @@ class Level:
         client-bound level (not gated); errors when the server could not be
         booted or died.
         """
-        self.result = self._handle.run(self.concurrency, case=None, check=False)
+        if self.search:
+            self.result = self._handle.search_rate(case=None, check=False)
+        else:
+            self.result = self._handle.run(self.concurrency, case=None, check=False, **self._shape)
         _judge(self.result)
         return self.result.level.metrics
 

@@ -204,6 +204,7 @@ class Trial(LevelMetrics):
     server_cpu: dict[str, dict[str, Any]] | None = None     # per server: host.servercpu ServerCpu.to_dict()
     front_end_bound: bool = False
     front_end_reason: str | None = None
+    samples: str | None = None      # its per-request samples file, relative to the record (records.samples)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
