@@ -73,7 +73,12 @@ def test_level_tests_and_session_summary_agree(no_leftovers):
 
     pytester = no_leftovers
     setup(pytester, levels="[2, 4, 8]")
-    common = ("--topology", "tiny", "--trials", "2")
+    # Wide tolerances: what is checked is that the two verdicts agree, with a 1.6x slowdown
+    # (-37% tok/s) and without; the simulator runs on the wall clock, and on a 2-core CI box
+    # a neighbour's load (a Ray cluster on the other worker) shifted c=8 by -6% tok/s and
+    # +42% TTFT p99 between sessions, three attempts in a row.
+    common = ("--topology", "tiny", "--trials", "2", "--regression-tolerance",
+              "throughput=15%,ttft_p50=100%,ttft_p99=100%,tpot_p50=50%,tpot_p99=50%")
     run_until(pytester, lambda r, rec: not client_bound(rec), *common, "--save-baseline",
               retry_args=("--force",))
     [baseline_file] = pytester.path.glob("results/baselines/sim-rtx-pro-6000/tiny--quick.json")
