@@ -29,7 +29,10 @@ def free_port() -> int:
 
 
 class Sim:
-    def __init__(self, log_dir: Path, *extra: str):
+    """``python -m pytest_mm27.sim serve`` in its own session; up once ``/health`` (or, with
+    ``wait_healthy=False``, ``/version``) answers 200."""
+
+    def __init__(self, log_dir: Path, *extra: str, wait_healthy: bool = True, timeout: float = 30.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"sim-{self.port}.log"
@@ -39,18 +42,24 @@ class Sim:
         with self.log.open("wb") as fh:
             self.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                          start_new_session=True)
-        deadline = time.monotonic() + 30
+        try:
+            self.wait_up("/health" if wait_healthy else "/version", timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_up(self, path: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"sim exited {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                with urllib.request.urlopen(self.url + path, timeout=1) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.05)
-        self.stop()
         raise AssertionError(f"sim did not come up:\n{self.log.read_text()}")
 
     def stop(self) -> None:

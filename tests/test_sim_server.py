@@ -5,13 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,55 +13,7 @@ import pytest
 from pytest_mm27.sim.cluster import setup_for
 from pytest_mm27.sim.virtual import simulate_level
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "sim-model"
-BASE_ARGS = ["--hardware", "rtx-pro-6000", "--model", "minimax-m2.7-nvfp4", "--tensor-parallel-size", "2",
-             "--max-num-seqs", "64", "--max-model-len", "4096", "--gpu-memory-utilization", "0.9"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SimProcess:
-    def __init__(self, tmp_path: Path, *extra: str, wait_healthy: bool = True):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp_path / f"sim-{self.port}.log"
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        argv = [sys.executable, "-m", "pytest_mm27.sim", "serve", "--port", str(self.port),
-                "--served-model-name", MODEL, *BASE_ARGS, *extra]
-        with self.log.open("wb") as fh:
-            self.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                         start_new_session=True)
-        self.wait_up(path="/health" if wait_healthy else "/version")
-
-    def wait_up(self, path: str, timeout: float = 15.0) -> None:
-        import urllib.error
-        import urllib.request
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sim exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"sim did not come up:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+from sim_helpers import MODEL, Sim as SimProcess
 
 
 @pytest.fixture
@@ -75,7 +21,7 @@ def sim_factory(tmp_path):
     started: list[SimProcess] = []
 
     def start(*extra: str, wait_healthy: bool = True) -> SimProcess:
-        p = SimProcess(tmp_path, *extra, wait_healthy=wait_healthy)
+        p = SimProcess(tmp_path, *extra, wait_healthy=wait_healthy, timeout=15.0)
         started.append(p)
         return p
 
