@@ -18,8 +18,11 @@ with one serve option changed (``SLOW_OPTION``, a known slowdown);
 ``8b-slow-long`` measures that option's cost with long windows;
 ``tp1-baseline`` re-measures the small model's baseline; ``tp1-prefill`` a
 prefill-heavy length mix on it (``8b-prefill`` on the GPU-bound one); ``tp1-256``
-the small model where its API server limits it; ``crosscheck`` our client against
-``vllm bench serve`` on the GPU-bound topology at c=16 and c=64.
+the small model where its API server limits it; ``8b-api1`` / ``8b-api2`` and
+``tp1-api1`` / ``tp1-api2`` measure c=64 and c=256 with one and with two API
+server processes (``--api-server-count``, the front end's ceiling);
+``crosscheck`` our client against ``vllm bench serve`` on the GPU-bound
+topology at c=16 and c=64.
 """
 
 from __future__ import annotations
@@ -64,20 +67,37 @@ STEPS: dict[str, tuple[list[str] | None, str, int]] = {
     "8b-prefill": (["--topology", GPU_BOUND, "--workload", "prefill-heavy", "--concurrency", "1,16,64"],
                    "results-prefill", 130),
     "tp1-256": (["--topology", "gpu-tp1", "--concurrency", "16,256"], "results-tp1", 130),
+    # The same topologies with one and with two API server processes: how much of c=256 is the front end.
+    "8b-api1": (["--topology", GPU_BOUND, "--concurrency", "64,256"], "results-api", 140),
+    "8b-api2": (["--topology", GPU_BOUND, "--topology-dir", "{api2}", "--concurrency", "64,256"], "results-api", 150),
+    "tp1-api1": (["--topology", "gpu-tp1", "--concurrency", "64,256"], "results-api", 120),
+    "tp1-api2": (["--topology", "gpu-tp1", "--topology-dir", "{api2}", "--concurrency", "64,256"], "results-api", 130),
     "crosscheck": (None, "crosscheck", 220),
 }
 
 
-def slow_topology(folder: Path) -> Path:
-    """A catalog folder holding the GPU-bound topology with ``SLOW_OPTION`` added (same name, so it
-    shadows the built-in one and is judged against the same baseline, as a changed config would be)."""
-    text = (REPO / "fixtures" / "topologies" / f"{GPU_BOUND}.toml").read_text()
-    marker = 'args = ["--load-format", "dummy"'
-    if marker not in text:
-        raise SystemExit(f"cannot add {SLOW_OPTION}: {GPU_BOUND}.toml has no line starting {marker!r}")
+def variant_topologies(folder: Path, names: Sequence[str], marker: str, replacement: str) -> Path:
+    """A catalog folder holding built-in topologies with one line edited (same names, so they shadow
+    the built-in ones and are judged against the same baselines, as a changed config would be)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{GPU_BOUND}.toml").write_text(text.replace(marker, f'args = ["{SLOW_OPTION}", "--load-format", "dummy"'))
+    for name in names:
+        text = (REPO / "fixtures" / "topologies" / f"{name}.toml").read_text()
+        if marker not in text:
+            raise SystemExit(f"cannot edit {name}.toml: it has no line starting {marker!r}")
+        (folder / f"{name}.toml").write_text(text.replace(marker, replacement, 1))
     return folder
+
+
+def slow_topology(folder: Path) -> Path:
+    """The GPU-bound topology with ``SLOW_OPTION`` added."""
+    marker = 'args = ["--load-format", "dummy"'
+    return variant_topologies(folder, [GPU_BOUND], marker, f'args = ["{SLOW_OPTION}", "--load-format", "dummy"')
+
+
+def api2_topologies(folder: Path) -> Path:
+    """The GPU topologies with two API server processes."""
+    marker = "max_num_seqs = 256"
+    return variant_topologies(folder, [GPU_BOUND, "gpu-tp1"], marker, f"{marker}\napi_server_count = 2")
 
 
 def _plugin_flag() -> list[str]:
@@ -101,10 +121,11 @@ def run_step(name: str, out: Path, vllm: str, budget_left: float) -> dict[str, A
                "--prompts-per-slot", "4", "--rounds", "2", "--json", str(out / results / "crosscheck.json")]
         (out / results).mkdir(parents=True, exist_ok=True)
     else:
-        slow = str(slow_topology(out / "slow-topology"))
+        folders = {"{slow}": slow_topology, "{api2}": api2_topologies}
+        given = {key: str(make(out / key.strip("{}"))) for key, make in folders.items() if key in args}
         cmd = [sys.executable, "-m", "pytest", *_plugin_flag(), "suites/", "-p", "no:cacheprovider",
                "--engine", "vllm", f"--vllm={vllm}", "--hardware", "h200", f"--results-dir={out / results}",
-               *(a.replace("{slow}", slow) for a in args)]
+               *(given.get(a, a) for a in args)]
     started = time.monotonic()
     with log.open("w") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
